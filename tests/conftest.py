@@ -45,3 +45,30 @@ def llama_engine(model_05b_path):
     eng = LlamaCppEngine(model_05b_path, n_ctx=4096, n_threads=min(2, os.cpu_count() or 2), model_name=DEFAULT_MODEL)
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(model_05b_path) -> Path:
+    """The real Qwen2.5-Coder tokenizer (with FIM special tokens), extracted once from the packaged GGUF."""
+    from localcoder import models
+    from localcoder.engines.torch import convert_gguf_to_hf
+
+    return convert_gguf_to_hf(models.resolve(DEFAULT_MODEL), tokenizer_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """A tiny random-weight Qwen2 causal LM (4 layers, hidden 64) with the real tokenizer, saved as an
+    HF directory. For unit tests of torch/ONNX/GGUF/distill code paths: fast and hub-free."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                   tie_word_embeddings=False, rope_theta=10000.0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    out = tmp_path_factory.mktemp("tiny_qwen")
+    model.save_pretrained(str(out), safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir)).save_pretrained(str(out))
+    return out
