@@ -1,14 +1,53 @@
-"""`localcoder lsp`."""
+"""`localcoder lsp`: run the language server over stdio (default) or TCP.
+
+Only what the configured engine needs is imported: with a GGUF model that is llama.cpp, never
+torch; with ``--server-url`` nothing heavy at all. Logs go to stderr (stdout carries the protocol).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
-from localcoder.cli import not_implemented
+from localcoder.cli import add_model_arguments, config_from_args
+from localcoder.errors import InvalidRequest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--stdio", action="store_true", help="talk LSP over stdin/stdout (the default)")
+    p.add_argument("--tcp", metavar="HOST:PORT", help="listen on a TCP socket instead of stdio")
+    p.add_argument("--server-url", dest="server_url", help="use a running `localcoder serve` (http://127.0.0.1:8765)")
+    p.add_argument("--debounce-ms", dest="debounce_ms", type=int, help="server-side debounce of automatic triggers")
+    p.add_argument("--mode", choices=["auto", "single", "multi"], help="completion mode")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, help="maximum generated tokens")
+    p.add_argument("--log-level", dest="log_level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
+    add_model_arguments(p)
 
 
-run = not_implemented("lsp", "issue #4")
+def parse_tcp(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidRequest(f"--tcp wants HOST:PORT, got {value!r}", param="tcp")
+    return host or "127.0.0.1", int(port)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def run(args: argparse.Namespace) -> int:
+    from localcoder.lsp.server import create_server
+
+    cfg = config_from_args(args, extra=("server_url", "debounce_ms", "mode", "max_tokens"))
+    tcp = parse_tcp(args.tcp) if args.tcp else None
+    setup_logging(args.log_level)
+    server = create_server(cfg)
+    if tcp:
+        logging.getLogger("localcoder.lsp").info("listening on %s:%d", *tcp)
+        server.start_tcp(*tcp)
+    else:
+        server.start_io()
+    return 0

@@ -1,0 +1,440 @@
+"""`localcoder lsp`: a pygls language server for fill-in-the-middle completion.
+
+Features: ``textDocument/inlineCompletion`` (ghost text), ``textDocument/completion`` (fallback for
+clients without inline completion), the code action "Generate docstring", incremental document
+sync with UTF-16 positions, accept/reject counters (``localcoder/accepted``, ``localcoder/rejected``
+notifications, the ``localcoder.accepted`` command, the ``localcoder/stats`` request).
+
+All state lives on ``LocalcoderServer``; generations run in its scheduler's worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import statistics
+import sys
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cattrs
+from lsprotocol import types
+from pygls.capabilities import ServerCapabilitiesBuilder
+from pygls.exceptions import FeatureRequestError, JsonRpcException, JsonRpcInvalidParams
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+
+from localcoder import __version__
+from localcoder.completion import InfillRequest
+from localcoder.config import Config
+from localcoder.errors import InvalidRequest
+from localcoder.lsp import actions
+from localcoder.lsp.backends import Backend, Completion, budget_of, open_backend
+from localcoder.lsp.context import ContextBuilder, ContextOptions, uri_to_path
+from localcoder.lsp.documents import Document, DocumentStore
+from localcoder.lsp.errors import Reporter, is_request_error, to_response_error
+from localcoder.lsp.options import apply_settings
+from localcoder.lsp.scheduler import Scheduler
+
+log = logging.getLogger("localcoder.lsp")
+
+ACCEPTED_COMMAND = "localcoder.accepted"
+DOCSTRING_COMMAND = "localcoder.generateDocstring"
+ACCEPTED_NOTIFICATION = "localcoder/accepted"
+REJECTED_NOTIFICATION = "localcoder/rejected"
+STATS_REQUEST = "localcoder/stats"
+COMPLETION_TRIGGERS = [".", "(", "[", ",", " "]
+_WORD_BEFORE = re.compile(r"[A-Za-z0-9_$]*$")
+
+
+# ---- protocol: malformed requests get an error response ------------------------------------------
+class _Answered:
+    """Stands in for a request that was already answered with an error while being parsed."""
+
+    jsonrpc = "2.0"
+
+
+_ANSWERED = _Answered()
+
+
+def _describe(exc: BaseException | None) -> str:
+    if isinstance(exc, cattrs.ClassValidationError):
+        return "; ".join(cattrs.transform_error(exc, path="$"))
+    return str(exc) if exc else "malformed message"
+
+
+class LocalcoderProtocol(LanguageServerProtocol):
+    """pygls drops a request whose params fail to parse without answering it; we answer it."""
+
+    def structure_message(self, data: dict[str, Any]):
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as exc:
+            if isinstance(data, dict) and "id" in data and "method" in data and "jsonrpc" in data:
+                msg = f"invalid params for {data['method']}: {_describe(exc.__cause__)}"
+                log.warning(msg)
+                self._send_response(data["id"], error=JsonRpcInvalidParams(message=msg).to_response_error())
+                return _ANSWERED
+            raise
+
+    def handle_message(self, message):
+        if message is _ANSWERED:
+            return
+        super().handle_message(message)
+
+
+# ---- state -----------------------------------------------------------------------------------------
+@dataclass
+class Feedback:
+    """Accept/reject counts, local only (for acceptance rate in `localcoder bench`)."""
+
+    shown: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    accepted_chars: int = 0
+    served: dict[int, int] = field(default_factory=dict)  # completion id -> length, until judged
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=500))
+
+    def serve(self, cid: int, text: str, latency_ms: float) -> None:
+        self.shown += 1
+        self.served[cid] = len(text)
+        self.latencies_ms.append(latency_ms)
+        while len(self.served) > 1000:
+            self.served.pop(next(iter(self.served)))
+
+    def judge(self, cid: Any, accepted: bool, chars: Any = None) -> None:
+        length = self.served.pop(cid, None) if isinstance(cid, int) else None
+        if isinstance(cid, int) and length is None:
+            return  # unknown or already judged (command and notification both arrived)
+        if accepted:
+            self.accepted += 1
+            self.accepted_chars += chars if isinstance(chars, int) else (length or 0)
+        else:
+            self.rejected += 1
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+        judged = self.accepted + self.rejected
+        return {
+            "shown": self.shown, "accepted": self.accepted, "rejected": self.rejected,
+            "accepted_chars": self.accepted_chars,
+            "acceptance_rate": round(self.accepted / judged, 4) if judged else None,
+            "latency_ms_p50": round(statistics.median(lat), 1) if lat else None,
+            "latency_ms_p95": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 1) if lat else None,
+        }
+
+
+class LocalcoderServer(LanguageServer):
+    def __init__(self, config: Config | None = None):
+        super().__init__("localcoder", __version__, text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
+                         protocol_cls=LocalcoderProtocol)
+        self.config = config or Config()
+        self.documents = DocumentStore()
+        self.context = ContextBuilder()
+        self.reporter = Reporter()
+        self.feedback = Feedback()
+        self.scheduler = Scheduler(self.backend_now)
+        self.root_uri: str | None = None
+        self._backend: Backend | None = None
+        self._backend_error: Exception | None = None
+        self._ids = itertools.count(1)
+
+    # ---- backend (called in the worker thread) ----------------------------------------------------
+    def backend_now(self) -> Backend:
+        if self._backend is None:
+            if self._backend_error is not None:
+                raise self._backend_error
+            try:
+                self._backend = open_backend(self.config)
+            except Exception as exc:
+                if not self.config.lsp.server_url:
+                    self._backend_error = exc  # do not re-load a missing model on every keystroke
+                raise
+            log.info("backend ready: %s", self._backend.description)
+        return self._backend
+
+    def drop_backend(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        self._backend, self._backend_error = None, None
+
+    async def warm_up(self) -> None:
+        try:
+            await self.scheduler.call(self.backend_now)
+            check = getattr(self._backend, "check", None)
+            if check is not None:
+                await self.scheduler.call(check)
+        except Exception as exc:
+            self.report(exc)
+
+    # ---- configuration ---------------------------------------------------------------------------
+    def configure(self, settings: Any) -> bool:
+        """Apply client settings; True when the backend must be reloaded."""
+        try:
+            applied = apply_settings(self.config, settings)
+        except InvalidRequest as exc:
+            self.report(exc, always=True)
+            return False
+        self.config = applied.config
+        if self._backend is not None:
+            self._backend.set_budget(budget_of(self.config))
+        return applied.needs_reload
+
+    # ---- errors ----------------------------------------------------------------------------------
+    def report(self, exc: Exception, *, always: bool = False) -> None:
+        if always:
+            self.reporter.shown.discard(getattr(exc, "kind", "internal_error"))
+        msg = self.reporter.failure(exc)
+        if msg is not None:
+            self.window_show_message(msg)
+
+    def report_server_error(self, error: Exception, source) -> None:
+        if source is FeatureRequestError:
+            return  # already answered with an error response
+        self.report(error)
+
+    # ---- completions -----------------------------------------------------------------------------
+    def infill_request(self, doc: Document, offset: int) -> InfillRequest:
+        c = self.config.completion
+        prefix, suffix = doc.split(offset)
+        opts = ContextOptions(extra_tokens=c.extra_tokens)
+        snippets = self.context.snippets(doc, offset, self.documents.others(doc.uri), opts, self.root_uri)
+        return InfillRequest(prefix, suffix, snippets=snippets, path=uri_to_path(doc.uri, self.root_uri),
+                             repo=uri_to_path(self.root_uri) if self.root_uri else None,
+                             language=doc.language_id or None, mode=c.mode, max_tokens=c.max_tokens,
+                             time_budget_ms=c.time_budget_ms)
+
+    async def complete_at(self, uri: str, position: types.Position, automatic: bool) -> Completion | None:
+        """The completion at ``position``; None when superseded, stale, empty or failed (reported)."""
+        try:
+            doc = self.documents.get(uri)
+            offset = doc.offset_at(position)
+        except InvalidRequest as exc:
+            raise to_response_error(exc) from None
+        version = doc.version
+        ticket = self.scheduler.issue(uri)
+
+        def snapshot() -> InfillRequest | None:
+            current = self.documents.find(uri)
+            return self.infill_request(current, offset) if current is doc and doc.version == version else None
+
+        debounce = self.config.lsp.debounce_ms / 1000 if automatic else 0.0
+        try:
+            result = await self.scheduler.run(ticket, snapshot, debounce)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if is_request_error(exc):
+                raise to_response_error(exc) from None
+            self.report(exc)
+            return None
+        if result is not None:
+            self.reporter.success()
+        return result if result is not None and result.text else None
+
+    def serve(self, result: Completion) -> int:
+        cid = next(self._ids)
+        self.feedback.serve(cid, result.text, result.elapsed_ms)
+        return cid
+
+    def stats(self) -> dict[str, Any]:
+        out = self.feedback.summary()
+        out.update(asdict(self.scheduler.stats))
+        out["errors"] = dict(self.reporter.counts)
+        out["documents"] = len(self.documents)
+        out["heavy_modules"] = sorted(m for m in ("torch", "transformers", "onnxruntime", "llama_cpp")
+                                      if m in sys.modules)
+        if self._backend is not None:
+            out.update(self._backend.counters())
+        return out
+
+    def shutdown_engine(self) -> None:
+        self.scheduler.shutdown()
+        if self._backend is not None:
+            self._backend.close()
+
+
+# ---- features ------------------------------------------------------------------------------------
+def on_initialize(ls: LocalcoderServer, params: types.InitializeParams) -> None:
+    ls.root_uri = params.root_uri or (params.workspace_folders[0].uri if params.workspace_folders else None)
+    ls.documents.encoding = str(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
+    if params.initialization_options is not None:
+        ls.configure(params.initialization_options)
+    log.info("initialize: root=%s encoding=%s", ls.root_uri, ls.documents.encoding)
+
+
+async def on_initialized(ls: LocalcoderServer, params: types.InitializedParams) -> None:
+    await ls.warm_up()
+
+
+async def on_change_configuration(ls: LocalcoderServer, params: types.DidChangeConfigurationParams) -> None:
+    if ls.configure(params.settings):
+        ls.scheduler.cancel_all()
+        await ls.scheduler.call(ls.drop_backend)
+        ls.reporter.success()
+        await ls.warm_up()
+
+
+def on_open(ls: LocalcoderServer, params: types.DidOpenTextDocumentParams) -> None:
+    d = params.text_document
+    ls.documents.open(d.uri, d.text, d.language_id, d.version)
+
+
+def on_change(ls: LocalcoderServer, params: types.DidChangeTextDocumentParams) -> None:
+    uri = params.text_document.uri
+    if uri not in ls.documents:
+        log.warning("didChange for unknown document %s ignored", uri)
+        return
+    ls.documents.change(uri, params.content_changes, params.text_document.version)
+
+
+def on_close(ls: LocalcoderServer, params: types.DidCloseTextDocumentParams) -> None:
+    ls.documents.close(params.text_document.uri)
+    ls.context.forget(params.text_document.uri)
+
+
+def _accept_command(cid: int) -> types.Command:
+    return types.Command(title="localcoder: accepted", command=ACCEPTED_COMMAND, arguments=[cid])
+
+
+async def on_inline_completion(ls: LocalcoderServer, params: types.InlineCompletionParams
+                               ) -> types.InlineCompletionList:
+    automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+    result = await ls.complete_at(params.text_document.uri, params.position, automatic)
+    if result is None:
+        return types.InlineCompletionList(items=[])
+    cid = ls.serve(result)
+    at = params.position
+    item = types.InlineCompletionItem(insert_text=result.text, range=types.Range(at, at),
+                                      command=_accept_command(cid))
+    return types.InlineCompletionList(items=[item])
+
+
+async def on_completion(ls: LocalcoderServer, params: types.CompletionParams) -> types.CompletionList:
+    """Fallback: one item carrying the completion; it replaces the word before the cursor."""
+    invoked = params.context is None or params.context.trigger_kind == types.CompletionTriggerKind.Invoked
+    uri, at = params.text_document.uri, params.position
+    result = await ls.complete_at(uri, at, automatic=not invoked)
+    if result is None:
+        return types.CompletionList(is_incomplete=True, items=[])
+    doc = ls.documents.get(uri)
+    line_before = doc.line(at.line)[: doc.offset_at(at) - doc.offset_at(types.Position(at.line, 0))]
+    word = _WORD_BEFORE.search(line_before).group()
+    start = doc.position_at(doc.offset_at(at) - len(word))
+    new_text = word + result.text
+    label = new_text.split("\n", 1)[0].strip() or new_text.strip()[:60]
+    cid = ls.serve(result)
+    item = types.CompletionItem(
+        label=label[:80], kind=types.CompletionItemKind.Text, detail="localcoder", sort_text="0000",
+        filter_text=new_text, insert_text_format=types.InsertTextFormat.PlainText,
+        text_edit=types.TextEdit(types.Range(types.Position(*start), at), new_text),
+        documentation=_documentation(ls, doc.language_id, new_text),
+        command=_accept_command(cid))
+    return types.CompletionList(is_incomplete=True, items=[item])
+
+
+def _documentation(ls: LocalcoderServer, language: str, text: str) -> types.MarkupContent:
+    td = ls.client_capabilities.text_document
+    item = td.completion.completion_item if td and td.completion else None
+    if item and item.documentation_format and types.MarkupKind.Markdown in item.documentation_format:
+        return types.MarkupContent(types.MarkupKind.Markdown, f"```{language}\n{text}\n```")
+    return types.MarkupContent(types.MarkupKind.PlainText, text)
+
+
+def on_code_action(ls: LocalcoderServer, params: types.CodeActionParams) -> list[types.CodeAction]:
+    try:
+        doc = ls.documents.get(params.text_document.uri)
+    except InvalidRequest as exc:
+        raise to_response_error(exc) from None
+    if doc.language_id not in ("python", "") and not doc.uri.endswith(".py"):
+        return []
+    fn = actions.find_function(doc.text, params.range.start.line)
+    if fn is None or fn.has_docstring:
+        return []
+    args = [doc.uri, {"line": params.range.start.line, "character": params.range.start.character}]
+    cmd = types.Command(title="Generate docstring", command=DOCSTRING_COMMAND, arguments=args)
+    return [types.CodeAction(title=f"Generate docstring for {fn.name}()", kind=types.CodeActionKind.RefactorRewrite,
+                             command=cmd)]
+
+
+async def generate_docstring(ls: LocalcoderServer, uri: str, position: dict) -> dict[str, Any]:
+    """Infill the docstring of the function at ``position`` and apply it with workspace/applyEdit."""
+    try:
+        doc = ls.documents.get(uri)
+        line = int(position["line"]) if isinstance(position, dict) else -1
+        fn = actions.find_function(doc.text, line)
+        if fn is None:
+            raise InvalidRequest(f"no Python function at line {line}", param="position")
+    except (InvalidRequest, KeyError, TypeError, ValueError) as exc:
+        raise to_response_error(exc if isinstance(exc, InvalidRequest) else
+                                InvalidRequest(f"bad arguments: {exc}", param="arguments")) from None
+    req = actions.docstring_request(doc.text, fn, path=uri_to_path(uri, ls.root_uri))
+    ticket = ls.scheduler.issue(f"docstring:{uri}")
+    try:
+        result = await ls.scheduler.run(ticket, lambda: req)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        ls.report(exc)
+        return {"applied": False, "text": None}
+    text = actions.format_docstring(result.text if result else "", fn.indent)
+    if text is None:
+        ls.window_show_message(types.ShowMessageParams(types.MessageType.Info, "localcoder: no docstring generated"))
+        return {"applied": False, "text": None}
+    at = types.Position(fn.body_line, 0)
+    edit = types.WorkspaceEdit(changes={uri: [types.TextEdit(types.Range(at, at), text)]})
+    response = await ls.workspace_apply_edit_async(types.ApplyWorkspaceEditParams(edit, label="Generate docstring"))
+    return {"applied": bool(response and response.applied), "text": text}
+
+
+def on_accepted_command(ls: LocalcoderServer, cid: int) -> None:
+    ls.feedback.judge(cid, True)
+
+
+def _field(params: Any, name: str) -> Any:
+    return params.get(name) if isinstance(params, dict) else getattr(params, name, None)
+
+
+def on_accepted(ls: LocalcoderServer, params: Any) -> None:
+    ls.feedback.judge(_field(params, "id"), True, _field(params, "acceptedChars"))
+
+
+def on_rejected(ls: LocalcoderServer, params: Any) -> None:
+    ls.feedback.judge(_field(params, "id"), False)
+
+
+def on_stats(ls: LocalcoderServer, params: Any) -> dict[str, Any]:
+    return ls.stats()
+
+
+def on_shutdown(ls: LocalcoderServer, params: Any) -> None:
+    ls.shutdown_engine()
+
+
+def create_server(config: Config | None = None) -> LocalcoderServer:
+    ls = LocalcoderServer(config)
+    features = [
+        (types.INITIALIZE, on_initialize, None),
+        (types.INITIALIZED, on_initialized, None),
+        (types.WORKSPACE_DID_CHANGE_CONFIGURATION, on_change_configuration, None),
+        (types.TEXT_DOCUMENT_DID_OPEN, on_open, None),
+        (types.TEXT_DOCUMENT_DID_CHANGE, on_change, None),
+        (types.TEXT_DOCUMENT_DID_CLOSE, on_close, None),
+        (types.TEXT_DOCUMENT_INLINE_COMPLETION, on_inline_completion, types.InlineCompletionOptions()),
+        (types.TEXT_DOCUMENT_COMPLETION, on_completion,
+         types.CompletionOptions(trigger_characters=COMPLETION_TRIGGERS, resolve_provider=False)),
+        (types.TEXT_DOCUMENT_CODE_ACTION, on_code_action,
+         types.CodeActionOptions(code_action_kinds=[types.CodeActionKind.RefactorRewrite])),
+        (ACCEPTED_NOTIFICATION, on_accepted, None),
+        (REJECTED_NOTIFICATION, on_rejected, None),
+        (STATS_REQUEST, on_stats, None),
+        (types.SHUTDOWN, on_shutdown, None),
+    ]
+    for method, handler, options in features:
+        ls.feature(method, options)(handler)
+    ls.command(ACCEPTED_COMMAND)(on_accepted_command)
+    ls.command(DOCSTRING_COMMAND)(generate_docstring)
+    return ls
