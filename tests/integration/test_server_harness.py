@@ -75,4 +75,4 @@ def wait_until(predicate, timeout_s: float = 5.0, step_s: float = 0.01) -> bool:
 
 
 def client(url: str, **kw) -> httpx.Client:
-    return httpx.Client(base_url=url, timeout=30, **kw)
+    return httpx.Client(base_url=url, **{"timeout": 30, **kw})
