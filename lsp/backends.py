@@ -106,6 +106,16 @@ class HttpBackend:
         backend.set_budget(budget_of(cfg))
         return backend
 
+    def check(self) -> None:
+        """Fail early (at start-up) when the server is not there."""
+        import httpx
+
+        try:
+            self._client.get("/health", timeout=3.0)
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"cannot reach localcoder serve at {self.url}: {exc.__class__.__name__}",
+                                     hint="start it with `localcoder serve` or fix serverUrl") from None
+
     def body(self, req: InfillRequest) -> dict[str, Any]:
         return {
             "input_prefix": req.prefix,
