@@ -1,14 +1,59 @@
-"""`localcoder eval`."""
+"""`localcoder eval`: FIM quality of any model/engine in one harness."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from localcoder.cli import not_implemented
+from localcoder.cli import add_model_arguments, config_from_args, open_completer
+
+SUITES = ("humaneval-single", "humaneval-multi", "heldout")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--suite", action="append", choices=SUITES,
+                   help="what to run (repeatable; default humaneval-single)")
+    p.add_argument("--limit", type=int, help="sample N cases per suite (deterministic, --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", action="append", default=[], help="source directory/file for held-out cases")
+    p.add_argument("--heldout-kinds", default="line", help="comma list of line,block")
+    p.add_argument("--no-exec", action="store_true", help="skip running tests (no pass@1)")
+    p.add_argument("--cold", action="store_true", help="no KV reuse between cases (cold latency)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, help="override generated tokens per case")
+    p.add_argument("--out", help="write JSON results here")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_model_arguments(p)
 
 
-run = not_implemented("eval", "issue #2")
+def cases_for(suite: str, args: argparse.Namespace):
+    from localcoder.errors import InvalidRequest
+    from localcoder.eval import heldout, humaneval_infill
+
+    if suite.startswith("humaneval"):
+        return humaneval_infill.load_tasks(suite.split("-")[1], args.limit, args.seed)
+    if not args.data:
+        raise InvalidRequest("the heldout suite needs --data DIR (a directory of source files)", param="data")
+    return heldout.sample_cases(args.data, args.limit or 200, args.seed, tuple(args.heldout_kinds.split(",")))
+
+
+def run(args: argparse.Namespace) -> int:
+    from localcoder.errors import InvalidRequest
+    from localcoder.eval.runner import evaluate, table, write_reports
+
+    if args.limit is not None and args.limit <= 0:
+        raise InvalidRequest("--limit must be a positive number", param="limit")
+    cfg = config_from_args(args)
+    completer = open_completer(cfg, progress=not args.quiet)
+    reports = []
+    for suite in args.suite or ["humaneval-single"]:
+        cases = cases_for(suite, args)
+        reports.append(evaluate(completer, cases, execute=not args.no_exec, progress=not args.quiet, name=suite,
+                                max_tokens=args.max_tokens, cold=args.cold))
+    print(f"model: {cfg.model.model}  engine: {completer.engine.name}  format: {completer.format.name}"
+          f"  order: {completer.order}", file=sys.stderr)
+    print(table(reports))
+    if args.out:
+        write_reports(reports, Path(args.out))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0

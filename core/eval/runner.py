@@ -1,0 +1,105 @@
+"""Run a Completer over FIM cases: EM, ES (or BLEU), pass@1 by executing tests, latency."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from localcoder.completion import Completer, InfillRequest
+from localcoder.eval import metrics
+from localcoder.eval.humaneval_infill import program
+from localcoder.eval.sandbox import run_program
+from localcoder.eval.tasks import FimCase
+
+
+@dataclass
+class Row:
+    id: str
+    em: float
+    es: float
+    passed: bool | None
+    latency_ms: float
+    prompt_tokens: int
+    cached_tokens: int
+    stop_type: str
+    text: str
+    reference: str
+
+
+@dataclass
+class EvalReport:
+    name: str
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict:
+        rows = self.rows
+        if not rows:
+            return {"name": self.name, "n": 0}
+        executed = [r.passed for r in rows if r.passed is not None]
+        return {
+            "name": self.name,
+            "n": len(rows),
+            "em": round(statistics.fmean(r.em for r in rows), 4),
+            "es": round(statistics.fmean(r.es for r in rows), 4),
+            "pass_at_1": round(statistics.fmean(executed), 4) if executed else None,
+            "median_latency_ms": round(statistics.median(r.latency_ms for r in rows), 1),
+            "p95_latency_ms": round(sorted(r.latency_ms for r in rows)[int(0.95 * (len(rows) - 1))], 1),
+            "mean_prompt_tokens": round(statistics.fmean(r.prompt_tokens for r in rows), 1),
+        }
+
+    def to_json(self) -> dict:
+        return {"summary": self.summary, "rows": [asdict(r) for r in self.rows]}
+
+
+def evaluate(completer: Completer, cases: Sequence[FimCase], *, execute: bool = True, progress: bool = True,
+             name: str = "eval", max_tokens: int | None = None, cold: bool = False,
+             timeout_s: float = 10.0) -> EvalReport:
+    """Complete every case (greedy), score it, and run its test (if any) in the sandbox.
+    ``cold`` evaluates every prompt from scratch (no KV reuse between cases)."""
+    from tqdm import tqdm
+
+    report = EvalReport(name)
+    pool = ThreadPoolExecutor(max_workers=2)
+    pending = []
+    for case in tqdm(cases, desc=name, unit="case", disable=not progress, dynamic_ncols=True):
+        req = InfillRequest(case.prefix, case.suffix, path=case.path, language=case.language, mode=case.mode,
+                            max_tokens=max_tokens or (48 if case.mode == "single" else 160),
+                            stop=('"""', "'''") if case.metric == "bleu" else (), cache_prompt=not cold)
+        t0 = time.perf_counter()
+        result = completer.complete(req)
+        latency = (time.perf_counter() - t0) * 1000
+        score = metrics.bleu if case.metric == "bleu" else metrics.edit_similarity
+        row = Row(case.id, metrics.exact_match(result.text, case.reference), score(result.text, case.reference),
+                  None, latency, result.prompt_tokens, result.tokens_cached, result.stop_type, result.text,
+                  case.reference)
+        report.rows.append(row)
+        if execute and case.test:
+            pending.append((row, pool.submit(run_program, program(case, result.text), timeout_s)))
+    for row, fut in pending:
+        row.passed = fut.result().passed
+    pool.shutdown()
+    return report
+
+
+def write_reports(reports: Sequence[EvalReport], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({r.name: r.to_json() for r in reports}, indent=2), encoding="utf-8")
+
+
+def table(reports: Sequence[EvalReport]) -> str:
+    head = "| suite | n | EM | ES | pass@1 | median latency | p95 latency | prompt tokens |\n|---|---|---|---|---|---|---|---|"
+    lines = [head]
+    for r in reports:
+        s = r.summary
+        if not s["n"]:
+            continue
+        p = "–" if s["pass_at_1"] is None else f"{s['pass_at_1']:.3f}"
+        lines.append(f"| {s['name']} | {s['n']} | {s['em']:.3f} | {s['es']:.3f} | {p} | "
+                     f"{s['median_latency_ms'] / 1000:.2f} s | {s['p95_latency_ms'] / 1000:.2f} s | {s['mean_prompt_tokens']:.0f} |")
+    return "\n".join(lines)
