@@ -1,0 +1,296 @@
+"""HF model directory -> GGUF, written from Python with the ``gguf`` package; K-quants via llama.cpp.
+
+Families: qwen2, llama (incl. mistral-style configs) and starcoder2, with a GPT-2-style byte-level
+BPE tokenizer (Qwen, StarCoder, DeepSeek-Coder, Llama 3). The file carries everything the llama.cpp
+engine and llama.vim need: weights, hyper-parameters, the full vocabulary with token types (special
+and FIM tokens as CONTROL, so they are never produced from plain text), merges, BOS/EOS/PAD ids,
+the explicit FIM token ids, the chat template, and provenance metadata.
+
+Types written directly: F32, F16, BF16, Q8_0 (numpy quantizers of gguf-py). K-quants (Q4_K_M,
+Q5_K_M, Q6_K, ...) are produced from an F16 intermediate by llama.cpp's own quantizer
+(``llama_cpp.llama_model_quantize``): gguf-py has no K-quant encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from localcoder.errors import BackendUnavailable, InvalidRequest, ModelCorrupt
+
+PY_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by gguf-py
+K_TYPES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_0", "q5_0", "q3_k_m", "q2_k")  # by llama.cpp
+GGUF_TYPES = PY_TYPES + K_TYPES
+
+ARCHS = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+         "Starcoder2ForCausalLM": "starcoder2"}
+
+# FIM spellings per tokenizer family -> GGUF keys (llama.cpp also auto-detects by text; explicit is safer)
+FIM_TOKENS = {
+    "fim_pre": ("<|fim_prefix|>", "<fim_prefix>", "<｜fim▁begin｜>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim_suffix>", "<｜fim▁hole｜>"),
+    "fim_mid": ("<|fim_middle|>", "<fim_middle>", "<｜fim▁end｜>"),
+    "fim_pad": ("<|fim_pad|>", "<fim_pad>"),
+    "fim_rep": ("<|repo_name|>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>", "<file_sep>"),
+}
+
+
+@dataclass
+class GgufResult:
+    path: Path
+    type: str
+    arch: str
+    n_tensors: int
+    size: int
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------------
+def _looks_special(text: str) -> bool:
+    return bool(re.fullmatch(r"<\|.*\|>|<｜.*｜>|<[a-z_]+>|<\|[a-z_]+>", text))
+
+
+def pre_tokenizer_name(tokenizer_json: dict, arch: str) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` (which regex splits text before BPE), from the HF regex."""
+    pretok = json.dumps(tokenizer_json.get("pre_tokenizer") or {})
+    if "\\\\p{N}{1,3}" in pretok or "\\p{N}{1,3}" in pretok:
+        return "llama-bpe"
+    if "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in pretok and "\\\\p{N}|" in pretok.replace("\\\\p{N}+", ""):
+        return "qwen2"
+    if '"Digits"' in pretok and '"individual_digits": true' in pretok:
+        return "starcoder" if arch == "starcoder2" else "deepseek-coder"
+    return {"qwen2": "qwen2", "starcoder2": "starcoder"}.get(arch, "gpt-2")
+
+
+def vocab_entries(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """(tokens, token types) for ids 0..vocab_size-1, following llama.cpp's convert_hf_to_gguf:
+    normal BPE pieces, added special-looking tokens CONTROL, other added tokens USER_DEFINED,
+    ids the tokenizer does not use (padding rows of the embedding) UNUSED ``[PADn]``."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.added_tokens_decoder  # id -> AddedToken
+    if max(reverse) >= vocab_size:
+        raise ModelCorrupt(f"tokenizer has id {max(reverse)} but the model's vocab_size is {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            text = added[i].content
+            tokens.append(text)
+            special = added[i].special or _looks_special(text)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+def add_tokenizer(writer, model_dir: Path, arch: str, vocab_size: int) -> dict[str, int]:
+    """Write vocabulary, merges, special ids, FIM ids and chat template. Returns the FIM ids found."""
+    import gguf
+
+    tj_path = model_dir / "tokenizer.json"
+    if not tj_path.exists():
+        raise InvalidRequest(f"{model_dir} has no tokenizer.json (a fast byte-level BPE tokenizer is needed)",
+                             param="model")
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    if tj["model"]["type"] != "BPE" or tj["model"].get("byte_fallback"):
+        raise InvalidRequest("only byte-level BPE tokenizers (Qwen, StarCoder, DeepSeek-Coder, Llama 3) are "
+                             "supported for GGUF export", param="model")
+    tokens, types = vocab_entries(model_dir, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tj, arch))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    index = {t: i for i, t in enumerate(tokens)}
+    fim = {}
+    for key, spellings in FIM_TOKENS.items():
+        tid = next((index[s] for s in spellings if s in index), None)
+        if tid is not None:
+            writer.add_uint32(f"tokenizer.ggml.{key}_token_id", tid)
+            fim[key] = tid
+    return fim
+
+
+# ---- hyper-parameters --------------------------------------------------------------------------------------
+def add_hparams(writer, cfg: dict, arch: str) -> None:
+    n_head = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    writer.add_context_length(cfg.get("max_position_embeddings", 4096))
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(cfg.get("num_key_value_heads", n_head))
+    writer.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * n_head != cfg["hidden_size"]:  # width-pruned heads: head_dim no longer hidden / heads
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "starcoder2":
+        writer.add_layer_norm_eps(cfg.get("norm_epsilon", 1e-5))
+    else:
+        writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    writer.add_vocab_size(cfg["vocab_size"])
+
+
+# ---- tensors ----------------------------------------------------------------------------------------------
+def _permute_for_llama(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF llama q/k rows are in rotate-half order; llama.cpp's llama arch wants interleaved pairs.
+    w: (n_head * head_dim, hidden) -> same shape, rows permuted within each head."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tensor_qtype(name: str, data: np.ndarray, wanted: str):
+    """Storage type of one tensor: 1-D tensors (norms, biases) stay F32; Q8_0 needs rows % 32 == 0."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if data.ndim < 2 or wanted == "f32":
+        return T.F32
+    if wanted == "q8_0":
+        return T.Q8_0 if data.shape[-1] % 32 == 0 else T.F16
+    return {"f16": T.F16, "bf16": T.BF16}[wanted]
+
+
+def iter_hf_tensors(model_dir: Path):
+    """(name, float32 numpy array) for every tensor of the safetensors shards of ``model_dir``."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelCorrupt(f"{model_dir} has no .safetensors weights")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name).float().numpy()
+
+
+def add_tensors(writer, model_dir: Path, cfg: dict, arch: str, wanted: str, *, progress: bool) -> int:
+    import gguf
+    from tqdm import tqdm
+
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_enum, cfg["num_hidden_layers"])
+    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    n = 0
+    for hf_name, data in tqdm(iter_hf_tensors(model_dir), desc=f"gguf {wanted}", disable=not progress,
+                              file=sys.stderr, leave=False):
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue  # llama.cpp reuses token_embd as the output head
+        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise InvalidRequest(f"tensor {hf_name} has no GGUF name for {arch}", param="model")
+        if arch == "llama" and hf_name.endswith("q_proj.weight"):
+            data = _permute_for_llama(data, n_head)
+        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+            data = _permute_for_llama(data, n_kv)
+        qtype = tensor_qtype(new, data, wanted)
+        writer.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        n += 1
+    return n
+
+
+# ---- entry points -------------------------------------------------------------------------------------------
+def _file_type(wanted: str) -> int:
+    import gguf
+
+    F = gguf.LlamaFileType
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[wanted]
+
+
+def read_config(model_dir: Path) -> tuple[dict, str]:
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    archs = cfg.get("architectures") or []
+    arch = next((ARCHS[a] for a in archs if a in ARCHS), None)
+    if arch is None:
+        raise InvalidRequest(f"GGUF export supports {', '.join(ARCHS)}; {model_dir.name} is {archs or 'unknown'}",
+                             param="model")
+    return cfg, arch
+
+
+def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str = "f16", *, name: str | None = None,
+               progress: bool = True) -> GgufResult:
+    """Write ``model_dir`` (HF safetensors + tokenizer) as a GGUF of type f32 | f16 | bf16 | q8_0."""
+    import gguf
+
+    if type not in PY_TYPES:
+        raise InvalidRequest(f"write_gguf writes {', '.join(PY_TYPES)}; use export_gguf for {type}", param="type")
+    model_dir, out = Path(model_dir), Path(out)
+    cfg, arch = read_config(model_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or model_dir.name)
+        writer.add_description(f"exported by localcoder quantize from {model_dir.name} ({type})")
+        writer.add_file_type(_file_type(type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_hparams(writer, cfg, arch)
+        add_tokenizer(writer, model_dir, arch, cfg["vocab_size"])
+        n = add_tensors(writer, model_dir, cfg, arch, type, progress=progress)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return GgufResult(out, type, arch, n, out.stat().st_size)
+
+
+def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str, *, threads: int = 0) -> None:
+    """GGUF -> GGUF requantisation with llama.cpp (K-quants and the legacy types)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise BackendUnavailable("K-quant GGUF export needs llama-cpp-python",
+                                 hint="pip install 'localcoder[llama]'") from exc
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type.upper()}", None)
+    if ftype is None:
+        raise InvalidRequest(f"llama.cpp has no quantization type {type!r}", param="type")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads or (os.cpu_count() or 1)
+    params.allow_requantize = False
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise ModelCorrupt(f"llama.cpp quantize {type} of {Path(src).name} failed (code {rc})")
+
+
+def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str = "q8_0", *,
+                name: str | None = None, threads: int = 0, progress: bool = True) -> GgufResult:
+    """Any supported type: gguf-py types directly, K-quants from an F16 intermediate via llama.cpp."""
+    type = type.lower()
+    if type not in GGUF_TYPES:
+        raise InvalidRequest(f"unknown GGUF type {type!r}; choose from {', '.join(GGUF_TYPES)}", param="type")
+    if type in PY_TYPES:
+        return write_gguf(model_dir, out, type, name=name, progress=progress)
+    out = Path(out)
+    f16 = out.with_name(f".{out.stem}.f16-{os.getpid()}.gguf")
+    try:
+        res = write_gguf(model_dir, f16, "f16", name=name, progress=progress)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            llama_quantize(f16, tmp, type, threads=threads)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        f16.unlink(missing_ok=True)
+    return GgufResult(out, type, res.arch, res.n_tensors, out.stat().st_size)
