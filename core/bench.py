@@ -1,0 +1,435 @@
+"""`localcoder bench`: latency and throughput of a completion server, side by side with a peer.
+
+Workloads, sent over HTTP exactly as an editor would:
+- cold: single requests at fixed context sizes (tokens), each with text the cache has never seen;
+- typing replay: a real source file is typed character by character; at each pause (end of a
+  word, like an editor's debounce) a completion is requested. Keystroke-to-completion latency =
+  debounce + request latency.
+Targets: ``localcoder serve`` (``/infill``, llama.cpp's shape) and llama-cpp-python's own server
+(``python -m llama_cpp.server``, ``/v1/completions`` with a raw FIM-token prompt) on the same GGUF,
+one after the other in the same run. Also the physical bound: decode tok/s <= read bandwidth /
+bytes read per token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import httpx
+import numpy as np
+
+from localcoder.engines.base import Tokenizer
+from localcoder.engines.kvcache import common_prefix_len
+
+PEER_STOPS = ["<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|fim_prefix|>", "\n\n"]  # what Continue sends
+WORD_END = set(" \n\t.,:;()[]{}=")
+
+
+@dataclass
+class BenchConfig:
+    model: str  # GGUF path, or "fake" (tests)
+    threads: int = 2
+    ctx: int = 4096
+    contexts: tuple[int, ...] = (256, 1024, 2048)
+    cold_repeats: int = 2
+    cold_suffix_tokens: int = 32
+    typing_file: str = ""  # default: a stdlib module
+    typing_chars: int = 200
+    window_lines_before: int = 48
+    window_lines_after: int = 24
+    debounce_ms: int = 150
+    max_tokens: int = 24
+    suffix_tokens: int = 64  # localcoder's suffix budget (PSM re-reads it at every keystroke)
+    peer: bool = True
+    url: str = ""  # bench a running localcoder server instead of starting one
+    api_key: str = ""
+
+
+@dataclass
+class Sample:
+    latency_ms: float
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    text: str
+    decode_ms: float | None = None
+
+
+@dataclass
+class WorkloadResult:
+    target: str
+    workload: str  # cold@256 | typing
+    samples: list[Sample] = field(default_factory=list)
+
+    def summary(self, debounce_ms: int = 0) -> dict[str, float]:
+        lat = [s.latency_ms + debounce_ms for s in self.samples]
+        prompt = sum(s.prompt_tokens for s in self.samples)
+        gen = sum(s.generated_tokens for s in self.samples)
+        decode_ms = [s.decode_ms for s in self.samples if s.decode_ms]
+        return {
+            "n": len(lat),
+            "p50_ms": round(percentile(lat, 50), 1),
+            "p95_ms": round(percentile(lat, 95), 1),
+            "mean_ms": round(statistics.fmean(lat), 1) if lat else 0.0,
+            "prompt_tokens_mean": round(prompt / max(1, len(lat)), 1),
+            "evaluated_tokens_mean": round((prompt - sum(s.cached_tokens for s in self.samples)) / max(1, len(lat)), 1),
+            "cache_hit_ratio": round(sum(s.cached_tokens for s in self.samples) / prompt, 3) if prompt else 0.0,
+            "generated_tokens_mean": round(gen / max(1, len(lat)), 1),
+            "e2e_tok_per_s": round(1000 * gen / sum(s.latency_ms for s in self.samples), 2) if lat else 0.0,
+            "decode_tok_per_s": round(1000 * sum(s.generated_tokens for s in self.samples if s.decode_ms)
+                                      / sum(decode_ms), 2) if decode_ms else float("nan"),
+        }
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# ---- targets -------------------------------------------------------------------------------------
+
+
+class Target(Protocol):
+    name: str
+
+    def complete(self, prefix: str, suffix: str, max_tokens: int) -> Sample: ...
+
+
+class LocalcoderTarget:
+    """``localcoder serve`` through llama.cpp's /infill shape (what llama.vim sends)."""
+
+    name = "localcoder"
+
+    def __init__(self, url: str, api_key: str = ""):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url, timeout=600, headers=headers)
+
+    def complete(self, prefix: str, suffix: str, max_tokens: int) -> Sample:
+        body = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": max_tokens, "temperature": 0,
+                "cache_prompt": True}
+        t0 = time.perf_counter()
+        r = self.client.post("/infill", json=body)
+        ms = (time.perf_counter() - t0) * 1000
+        r.raise_for_status()
+        d = r.json()
+        t = d["timings"]
+        return Sample(ms, d["tokens_evaluated"] + d["tokens_cached"], d["tokens_cached"], d["tokens_predicted"],
+                      d["content"], t["predicted_ms"] or None)
+
+
+class PeerTarget:
+    """llama-cpp-python's OpenAI server with a raw FIM-token prompt (what Continue sends). Its
+    cached tokens are not reported; we compute them as llama-cpp-python does (longest common token
+    prefix with the previous prompt)."""
+
+    name = "llama-cpp-python"
+
+    def __init__(self, url: str, tokenizer: Tokenizer):
+        self.client = httpx.Client(base_url=url, timeout=600)
+        self.tok = tokenizer
+        self.previous: list[int] = []
+
+    def complete(self, prefix: str, suffix: str, max_tokens: int) -> Sample:
+        prompt = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+        ids = self.tok.tokenize(prompt, special=True)
+        cached = common_prefix_len(self.previous, ids)
+        self.previous = ids
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": PEER_STOPS}
+        t0 = time.perf_counter()
+        r = self.client.post("/v1/completions", json=body)
+        ms = (time.perf_counter() - t0) * 1000
+        r.raise_for_status()
+        d = r.json()
+        return Sample(ms, d["usage"]["prompt_tokens"], cached, d["usage"]["completion_tokens"],
+                      d["choices"][0]["text"])
+
+
+# ---- servers -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(cmd: list[str], url: str, probe: str, timeout_s: float = 300, env: dict | None = None) -> Iterator[str]:
+    """Start a server process, wait until ``probe`` answers 200, stop it afterwards."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+            try:
+                if httpx.get(url + probe, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[:4]} did not become ready in {timeout_s} s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def localcoder_cmd(cfg: BenchConfig, port: int) -> list[str]:
+    engine = "fake" if cfg.model == "fake" else "llama"
+    return [sys.executable, "-m", "localcoder.cli", "serve", "--model", cfg.model, "--engine", engine,
+            "--threads", str(cfg.threads), "--ctx", str(cfg.ctx), "--port", str(port),
+            "--prefix-tokens", str(max(cfg.contexts) + 64), "--suffix-tokens", str(cfg.suffix_tokens),
+            "--extra-tokens", "0", "--mode", "auto", "--log-level", "warning"]
+
+
+def peer_cmd(cfg: BenchConfig, port: int) -> list[str]:
+    return [sys.executable, "-m", "llama_cpp.server", "--model", cfg.model, "--host", "127.0.0.1",
+            "--port", str(port), "--n_ctx", str(cfg.ctx), "--n_threads", str(cfg.threads),
+            "--n_threads_batch", str(cfg.threads), "--n_batch", "512", "--verbose", "false"]
+
+
+# ---- workloads -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    prefix: str
+    suffix: str
+
+
+def corpus_files() -> list[Path]:
+    """Real source text: the CPython standard library, in a fixed order."""
+    root = Path(os.__file__).parent
+    files = sorted(p for p in root.glob("*.py") if 20_000 < p.stat().st_size < 200_000)
+    return files
+
+
+def cold_cases(tok: Tokenizer, n_tokens: int, repeats: int, suffix_tokens: int, offset: int) -> list[Case]:
+    """``repeats`` prompts of ~``n_tokens`` tokens, each from a different file (so no cache reuse)."""
+    cases = []
+    for path in corpus_files()[offset: offset + repeats]:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        ids = tok.tokenize(text)
+        pre_n = n_tokens - suffix_tokens - 3  # three FIM markers
+        cut = max(pre_n, min(len(ids) - suffix_tokens, len(ids) // 2 + pre_n // 2))
+        prefix = _detok(tok, ids[cut - pre_n: cut])
+        suffix = _detok(tok, ids[cut: cut + suffix_tokens])
+        cases.append(Case(prefix, suffix))
+    return cases
+
+
+def _detok(tok: Tokenizer, ids: list[int]) -> str:
+    return b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", errors="ignore")
+
+
+def typing_cases(text: str, chars: int, before: int, after: int) -> list[Case]:
+    """Type ``chars`` characters of ``text`` (from a line start in its middle); one case per pause.
+
+    The editor window is anchored: it starts ``before`` lines above where typing began (a client
+    that keeps its window still while the user types) and ends ``after`` lines below the typed region.
+    """
+    lines = text.splitlines(keepends=True)
+    start_line = len(lines) // 2
+    anchor = "".join(lines[max(0, start_line - before): start_line])
+    start = len("".join(lines[:start_line]))
+    typed = text[start: start + chars]
+    tail = "".join(text[start + chars:].splitlines(keepends=True)[:after])
+    cases = []
+    for i in range(1, len(typed) + 1):
+        if typed[i - 1] in WORD_END or i == len(typed):
+            cases.append(Case(anchor + typed[:i], tail))
+    return cases
+
+
+def run_cases(target: Target, cases: list[Case], max_tokens: int, tick: Callable[[], None]) -> list[Sample]:
+    samples = []
+    for case in cases:
+        samples.append(target.complete(case.prefix, case.suffix, max_tokens))
+        tick()
+    return samples
+
+
+def run_workloads(target: Target, cfg: BenchConfig, cold: dict[int, list[Case]], typing: list[Case],
+                  tick: Callable[[], None]) -> list[WorkloadResult]:
+    results = [WorkloadResult(target.name, f"cold@{n}", run_cases(target, cases, cfg.max_tokens, tick))
+               for n, cases in cold.items()]
+    results.append(WorkloadResult(target.name, "typing", run_cases(target, typing, cfg.max_tokens, tick)))
+    return results
+
+
+# ---- the physical bound --------------------------------------------------------------------------
+
+
+def read_bandwidth_gbs(threads: int, mib: int = 512, rounds: int = 3) -> float:
+    """Best of ``rounds`` full reads of a ``mib`` MiB array, split across ``threads`` threads."""
+    a = np.ones(mib * (1 << 20) // 4, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+def bytes_per_token(gguf_path: str) -> dict[str, int]:
+    """Weight bytes read per decoded token: every tensor but the embedding table (one row is read);
+    the output head reported separately."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        size = Path(gguf_path).stat().st_size
+        return {"total": size, "output_head": 0, "source": "file size (gguf not installed)"}  # type: ignore[dict-item]
+    reader = GGUFReader(gguf_path)
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    head = sizes.get("output.weight", 0)
+    total = sum(n for name, n in sizes.items() if name != "token_embd.weight")
+    return {"total": total, "output_head": head, "blocks": total - head}
+
+
+def physical_bound(cfg: BenchConfig) -> dict[str, Any]:
+    bw = read_bandwidth_gbs(max(1, cfg.threads))
+    if cfg.model == "fake":
+        return {"read_bandwidth_gbs": round(bw, 2)}
+    b = bytes_per_token(cfg.model)
+    return {"read_bandwidth_gbs": round(bw, 2), "threads": cfg.threads, "bytes_per_token": b,
+            "decode_tok_per_s_bound": round(bw * 1e9 / b["total"], 1),
+            "output_head_share": round(b.get("output_head", 0) / b["total"], 3)}
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def load_tokenizer(model: str) -> Tokenizer:
+    if model == "fake":
+        from localcoder.engines.fake import ByteTokenizer
+
+        return ByteTokenizer()
+    import llama_cpp
+
+    from localcoder.engines.llamacpp import LlamaTokenizer
+
+    llm = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False)
+    return LlamaTokenizer(llm)
+
+
+def default_typing_file() -> Path:
+    return Path(os.__file__).parent / "textwrap.py"
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    tok = load_tokenizer(cfg.model)
+    cold = {n: cold_cases(tok, n, cfg.cold_repeats, cfg.cold_suffix_tokens, offset=i * cfg.cold_repeats)
+            for i, n in enumerate(cfg.contexts)}
+    text = Path(cfg.typing_file or default_typing_file()).read_text(encoding="utf-8")
+    typing = typing_cases(text, cfg.typing_chars, cfg.window_lines_before, cfg.window_lines_after)
+    per_target = sum(len(c) for c in cold.values()) + len(typing)
+    n_targets = 2 if cfg.peer and cfg.model != "fake" else 1
+    bar = tqdm(total=per_target * n_targets, desc="bench", unit="req", file=sys.stderr, disable=not progress)
+    results: list[WorkloadResult] = []
+    if cfg.url:
+        results += run_workloads(LocalcoderTarget(cfg.url, cfg.api_key), cfg, cold, typing, bar.update)
+    else:
+        port = free_port()
+        env = {"LOCALCODER_FAKE_DELAY_MS": "2"} if cfg.model == "fake" else {}
+        with serving(localcoder_cmd(cfg, port), f"http://127.0.0.1:{port}", "/health", env=env) as url:
+            results += run_workloads(LocalcoderTarget(url), cfg, cold, typing, bar.update)
+    if n_targets == 2:
+        port = free_port()
+        with serving(peer_cmd(cfg, port), f"http://127.0.0.1:{port}", "/v1/models") as url:
+            results += run_workloads(PeerTarget(url, tok), cfg, cold, typing, bar.update)
+    bar.close()
+    return report(cfg, results, physical_bound(cfg))
+
+
+def report(cfg: BenchConfig, results: list[WorkloadResult], bound: dict[str, Any]) -> dict[str, Any]:
+    rows = {}
+    for r in results:
+        debounce = cfg.debounce_ms if r.workload == "typing" else 0
+        rows.setdefault(r.workload, {})[r.target] = r.summary(debounce)
+    ratios = {}
+    for workload, by_target in rows.items():
+        if "localcoder" in by_target and "llama-cpp-python" in by_target:
+            ours, peer = by_target["localcoder"], by_target["llama-cpp-python"]
+            ratios[workload] = {k: round(ours[k] / peer[k], 3) if peer[k] else None for k in ("p50_ms", "p95_ms")}
+    return {
+        "config": asdict(cfg), "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
+        "bound": bound, "results": rows, "ratios_localcoder_over_peer": ratios,
+        "samples": {f"{r.target}/{r.workload}": [asdict(s) for s in r.samples] for r in results},
+    }
+
+
+def markdown(report_: dict[str, Any]) -> str:
+    lines = ["| workload | target | n | p50 ms | p95 ms | prompt tok | evaluated tok | cache hit | generated tok | "
+             "decode tok/s | p50 ratio (ours/peer) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for workload, by_target in report_["results"].items():
+        ratio = report_["ratios_localcoder_over_peer"].get(workload, {}).get("p50_ms")
+        for target, s in by_target.items():
+            shown = f"{ratio:.2f}" if ratio is not None and target == "localcoder" else ""
+            lines.append(f"| {workload} | {target} | {s['n']} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | "
+                         f"{s['prompt_tokens_mean']:.0f} | {s['evaluated_tokens_mean']:.0f} | {s['cache_hit_ratio']:.2f} | "
+                         f"{s['generated_tokens_mean']:.1f} | {s['decode_tok_per_s']:.1f} | {shown} |")
+    b = report_["bound"]
+    if "decode_tok_per_s_bound" in b:
+        bt = b["bytes_per_token"]
+        lines += ["", f"Physical bound: read bandwidth {b['read_bandwidth_gbs']} GB/s ({b['threads']} threads) ÷ "
+                  f"{bt['total'] / 1e6:.0f} MB read per token (output head {bt['output_head'] / 1e6:.0f} MB, "
+                  f"{b['output_head_share']:.0%}) = **{b['decode_tok_per_s_bound']} tok/s** decode at most."]
+    lines.append("")
+    lines.append("Typing latency = debounce "
+                 f"({report_['config']['debounce_ms']} ms) + request latency; cold = request latency.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report_: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    targets = sorted({t for by in report_["results"].values() for t in by})
+    colds = sorted((w for w in report_["results"] if w.startswith("cold@")), key=lambda w: int(w[5:]))
+    for t in targets:
+        xs = [int(w[5:]) for w in colds if t in report_["results"][w]]
+        ax1.plot(xs, [report_["results"][f"cold@{x}"][t]["p50_ms"] / 1000 for x in xs], marker="o", label=t)
+        samples = report_["samples"].get(f"{t}/typing", [])
+        lat = sorted(s["latency_ms"] + report_["config"]["debounce_ms"] for s in samples)
+        if lat:
+            ax2.plot([v / 1000 for v in lat], np.linspace(0, 1, len(lat)), label=t)
+    ax1.set(title="cold request (p50)", xlabel="context tokens", ylabel="seconds")
+    ax2.set(title="typing replay: keystroke to completion", xlabel="seconds", ylabel="fraction of pauses")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report_: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "plot": out_dir / "bench.png"}
+    paths["json"].write_text(json.dumps(report_, indent=2), encoding="utf-8")
+    paths["markdown"].write_text(markdown(report_), encoding="utf-8")
+    plot(report_, paths["plot"])
+    return paths
