@@ -46,7 +46,7 @@ def decide_mode(prefix: str, suffix: str) -> str:
     'multi' on an empty line or right after a block opener."""
     before = prefix.rsplit("\n", 1)[-1]
     after = suffix.split("\n", 1)[0]
-    if after.strip(" \t)]}'\";,:"):
+    if after.strip():
         return "single"
     if not before.strip():
         return "multi"
@@ -66,7 +66,9 @@ class StopRules:
     def __post_init__(self) -> None:
         self.before = self.prefix.rsplit("\n", 1)[-1]  # cursor line, left of the cursor
         self.line_suffix = self.suffix.split("\n", 1)[0].strip()
-        below = self.suffix.split("\n")[1:]
+        # The suffix line a generation must not repeat: the first non-blank line after the cursor
+        # line (or the cursor line's rest itself when nothing precedes the cursor on its line).
+        below = self.suffix.split("\n")[0 if not self.before.strip() else 1:]
         self.next_line = next((line.strip() for line in below if line.strip()), "")
         self.opener = bool(self.before.strip()) and self.before.rstrip().endswith(BLOCK_OPENER_ENDINGS)
         self.stop_words = tuple(w for w in self.stop_words if w)

@@ -1,0 +1,100 @@
+"""The real engines: llama.cpp on the packaged 0.5B, torch on a tiny random Qwen2 (hub-free)."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from localcoder.completion import Completer, InfillRequest
+from localcoder.engines.base import CancelToken, GenerationRequest
+
+pytestmark = pytest.mark.integration
+
+FIB_PREFIX = "def fib(n):\n    if n < 2:\n        return n\n    return "
+FIB_SUFFIX = "\n\n\nprint(fib(10))\n"
+
+
+def test_llama_completes_fibonacci(llama_engine):
+    llama_engine.reset_cache()
+    r = Completer(llama_engine).complete(InfillRequest(FIB_PREFIX, FIB_SUFFIX))
+    assert r.mode == "single" and "fib(n - 1)" in r.text.replace("n-1", "n - 1")
+    assert r.timings.prompt_n > 10 and r.timings.predicted_n > 3
+
+
+def test_llama_kv_reuse_after_typing_matches_a_cold_run(llama_engine):
+    c = Completer(llama_engine)
+    llama_engine.reset_cache()
+    c.complete(InfillRequest(FIB_PREFIX[:-3], FIB_SUFFIX))
+    warm = c.complete(InfillRequest(FIB_PREFIX, FIB_SUFFIX))
+    llama_engine.reset_cache()
+    cold = c.complete(InfillRequest(FIB_PREFIX, FIB_SUFFIX))
+    assert warm.tokens_cached > 0 and cold.tokens_cached == 0
+    assert warm.tokens_evaluated < cold.tokens_evaluated
+    assert warm.text == cold.text
+
+
+def test_llama_cancel_stops_within_one_token(llama_engine):
+    tok = llama_engine.tokenizer
+    cancel = CancelToken()
+    stream = llama_engine.generate(GenerationRequest(tok.tokenize("# a long comment\n" * 5), max_tokens=200,
+                                                     cancel=cancel))
+    got = []
+    for t in stream:
+        got.append(t)
+        if len(got) == 3:
+            threading.Thread(target=cancel.cancel).start()
+            threading.Event().wait(0.05)
+    assert len(got) <= 4 and stream.timings.cancelled
+
+
+def test_llama_tokenizer_does_not_parse_fim_strings_in_user_text(llama_engine):
+    tok = llama_engine.tokenizer
+    assert tok.special_token_id("<|fim_prefix|>") == 151659
+    assert 151659 not in tok.tokenize("x = '<|fim_prefix|>'")
+    assert tok.tokenize("<|fim_prefix|>", special=True) == [151659]
+    text = "café 🙂 ünïcode"
+    assert b"".join(tok.token_bytes(t) for t in tok.tokenize(text)).decode() == text
+
+
+def test_complete_cli_on_the_real_model(tmp_path, model_05b_path):
+    f = tmp_path / "fib.py"
+    f.write_text(FIB_PREFIX + FIB_SUFFIX)
+    r = subprocess.run([sys.executable, "-m", "localcoder.cli", "complete", str(f), "--line", "4", "--column",
+                        "12", "--threads", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "fib(n" in r.stdout
+
+
+def test_eval_cli_on_a_small_humaneval_sample(tmp_path, model_05b_path):
+    import json
+
+    out = tmp_path / "ev.json"
+    r = subprocess.run([sys.executable, "-m", "localcoder.cli", "eval", "--limit", "8", "--threads", "2", "-q",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(out.read_text())["humaneval-single"]["summary"]
+    assert s["n"] == 8 and s["es"] > 0.4 and s["pass_at_1"] > 0.2
+
+
+def test_torch_engine_kv_reuse_gives_the_same_tokens_as_cold(tiny_qwen_dir):
+    from localcoder.engines.torch import TorchEngine
+
+    eng = TorchEngine(tiny_qwen_dir, device="cpu", n_batch=16)
+    c = Completer(eng)
+    assert c.format.name == "qwen"
+    c.complete(InfillRequest("def add(a, b):\n    ret", "\n", max_tokens=8))
+    warm = c.complete(InfillRequest("def add(a, b):\n    return", "\n", max_tokens=8))
+    eng.reset_cache()
+    cold = c.complete(InfillRequest("def add(a, b):\n    return", "\n", max_tokens=8))
+    assert warm.tokens_cached > 0 and cold.tokens_cached == 0
+    assert warm.text == cold.text
+    assert 151659 not in eng.tokenizer.tokenize("'<|fim_prefix|>'")
+
+
+def test_bitsandbytes_without_cuda_is_a_clear_error(tiny_qwen_dir):
+    from localcoder.engines.torch import TorchEngine
+    from localcoder.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
+        TorchEngine(tiny_qwen_dir, device="cpu", quantization="nf4")

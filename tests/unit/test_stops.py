@@ -1,0 +1,72 @@
+import pytest
+
+from localcoder.stops import StopRules, bracket_depth, decide_mode
+
+
+@pytest.mark.parametrize("prefix,suffix,mode", [
+    ("x = foo(", ")\n", "single"),
+    ("    return ", "\n", "single"),
+    ("def f(x):\n", "\n", "multi"),
+    ("def f(x):", "\n", "multi"),
+    ("    ", "\nprint()", "multi"),
+    ("value = compute(a, b", ", c)\n", "single"),
+])
+def test_auto_mode_follows_the_cursor_context(prefix, suffix, mode):
+    assert decide_mode(prefix, suffix) == mode
+
+
+def test_single_line_stops_at_the_end_of_the_first_line_with_content():
+    r = StopRules("single", "x = ", "\n")
+    assert r.check("compute()\nmore") == (9, "line")
+    assert r.check("\n") is None  # nothing yet: a leading newline alone does not end it
+
+
+def test_multi_line_stops_when_indentation_leaves_the_block():
+    prefix = "def f(xs):\n    total = 0\n"
+    r = StopRules("multi", prefix, "")
+    text = "    for x in xs:\n        total += x\n    return total\ndef g():\n"
+    cut, why = r.check(text)
+    assert why == "block" and text[:cut] == "    for x in xs:\n        total += x\n    return total"
+
+
+def test_after_a_block_opener_a_sibling_line_ends_the_block():
+    r = StopRules("multi", "class A:\n    def f(self):", "\n")
+    text = "\n        return 1\n    def g(self):\n"
+    cut, why = r.check(text)
+    assert why == "block" and text[:cut] == "\n        return 1"
+
+
+def test_generation_that_repeats_the_suffix_is_cut():
+    r = StopRules("multi", "def f(x):\n    y = x * 2\n", "    return y\n")
+    text = "    y += 1\n    return y\n"
+    cut, why = r.check(text)
+    assert why == "suffix" and text[:cut] == "    y += 1"
+
+
+def test_closing_bracket_that_the_suffix_already_has_stops_multi_line():
+    r = StopRules("multi", "    result = compute(\n", ")\n")
+    text = "        a,\n        b)"
+    cut, why = r.check(text)
+    assert why == "brackets" and text[:cut] == "        a,\n        b"
+
+
+def test_finish_removes_overlap_with_the_line_suffix_only_when_brackets_say_so():
+    r = StopRules("single", "print(", ")")
+    assert r.finish("f(x))") == "f(x)"
+    assert r.finish("f(x)") == "f(x)"  # balanced: the model relied on the suffix's ')'
+
+
+def test_stop_words_and_partial_stop_words_are_held_back():
+    r = StopRules("multi", "", "", ("\n\n",))
+    assert r.check("a\nb\n\nc")[0] == 3
+    assert r.visible("a = 1\n") == "a = 1"  # the newline may start a stop word
+
+
+def test_trailing_whitespace_is_trimmed_on_every_line():
+    r = StopRules("multi", "", "")
+    assert r.finish("a = 1   \nb = 2  \n\n") == "a = 1\nb = 2"
+
+
+def test_bracket_depth_ignores_brackets_inside_strings():
+    assert bracket_depth("f('(', \")\")") == 0
+    assert bracket_depth("a)") == -1
