@@ -7,7 +7,7 @@ Workloads, sent over HTTP exactly as an editor would:
   debounce + request latency.
 Targets: ``localcoder serve`` (``/infill``, llama.cpp's shape) and llama-cpp-python's own server
 (``python -m llama_cpp.server``, ``/v1/completions`` with a raw FIM-token prompt) on the same GGUF,
-one after the other in the same run. Also the physical bound: decode tok/s <= read bandwidth /
+both running in the same run, each request sent to one then the other. Also the physical bound: decode tok/s <= read bandwidth /
 bytes read per token.
 """
 
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -194,7 +194,7 @@ def localcoder_cmd(cfg: BenchConfig, port: int) -> list[str]:
     engine = "fake" if cfg.model == "fake" else "llama"
     return [sys.executable, "-m", "localcoder.cli", "serve", "--model", cfg.model, "--engine", engine,
             "--threads", str(cfg.threads), "--ctx", str(cfg.ctx), "--port", str(port),
-            "--prefix-tokens", str(max(cfg.contexts) + 64), "--suffix-tokens", str(cfg.suffix_tokens),
+            "--prefix-tokens", str(max(1024, max(cfg.contexts) + 64)), "--suffix-tokens", str(cfg.suffix_tokens),
             "--extra-tokens", "0", "--mode", "auto", "--log-level", "warning"]
 
 
@@ -257,20 +257,18 @@ def typing_cases(text: str, chars: int, before: int, after: int) -> list[Case]:
     return cases
 
 
-def run_cases(target: Target, cases: list[Case], max_tokens: int, tick: Callable[[], None]) -> list[Sample]:
-    samples = []
-    for case in cases:
-        samples.append(target.complete(case.prefix, case.suffix, max_tokens))
-        tick()
-    return samples
-
-
-def run_workloads(target: Target, cfg: BenchConfig, cold: dict[int, list[Case]], typing: list[Case],
-                  tick: Callable[[], None]) -> list[WorkloadResult]:
-    results = [WorkloadResult(target.name, f"cold@{n}", run_cases(target, cases, cfg.max_tokens, tick))
-               for n, cases in cold.items()]
-    results.append(WorkloadResult(target.name, "typing", run_cases(target, typing, cfg.max_tokens, tick)))
-    return results
+def run_interleaved(targets: list[Target], cfg: BenchConfig, cold: dict[int, list[Case]], typing: list[Case],
+                    tick: Callable[[], None]) -> list[WorkloadResult]:
+    """Each case goes to every target in turn, so load from other processes on a shared machine
+    hits all targets alike (separate processes: one target's requests do not touch the other's cache)."""
+    results = {(t.name, w): WorkloadResult(t.name, w) for t in targets for w in [*(f"cold@{n}" for n in cold), "typing"]}
+    workloads = [(f"cold@{n}", cases) for n, cases in cold.items()] + [("typing", typing)]
+    for workload, cases in workloads:
+        for case in cases:
+            for target in targets:
+                results[(target.name, workload)].samples.append(target.complete(case.prefix, case.suffix, cfg.max_tokens))
+                tick()
+    return list(results.values())
 
 
 # ---- the physical bound --------------------------------------------------------------------------
@@ -345,18 +343,19 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     per_target = sum(len(c) for c in cold.values()) + len(typing)
     n_targets = 2 if cfg.peer and cfg.model != "fake" else 1
     bar = tqdm(total=per_target * n_targets, desc="bench", unit="req", file=sys.stderr, disable=not progress)
-    results: list[WorkloadResult] = []
-    if cfg.url:
-        results += run_workloads(LocalcoderTarget(cfg.url, cfg.api_key), cfg, cold, typing, bar.update)
-    else:
-        port = free_port()
-        env = {"LOCALCODER_FAKE_DELAY_MS": "2"} if cfg.model == "fake" else {}
-        with serving(localcoder_cmd(cfg, port), f"http://127.0.0.1:{port}", "/health", env=env) as url:
-            results += run_workloads(LocalcoderTarget(url), cfg, cold, typing, bar.update)
-    if n_targets == 2:
-        port = free_port()
-        with serving(peer_cmd(cfg, port), f"http://127.0.0.1:{port}", "/v1/models") as url:
-            results += run_workloads(PeerTarget(url, tok), cfg, cold, typing, bar.update)
+    with ExitStack() as stack:
+        if cfg.url:
+            targets: list[Target] = [LocalcoderTarget(cfg.url, cfg.api_key)]
+        else:
+            port = free_port()
+            env = {"LOCALCODER_FAKE_DELAY_MS": "2"} if cfg.model == "fake" else {}
+            url = stack.enter_context(serving(localcoder_cmd(cfg, port), f"http://127.0.0.1:{port}", "/health", env=env))
+            targets = [LocalcoderTarget(url)]
+        if n_targets == 2:
+            port = free_port()
+            url = stack.enter_context(serving(peer_cmd(cfg, port), f"http://127.0.0.1:{port}", "/v1/models"))
+            targets.append(PeerTarget(url, tok))
+        results = run_interleaved(targets, cfg, cold, typing, bar.update)
     bar.close()
     return report(cfg, results, physical_bound(cfg))
 
