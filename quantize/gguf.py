@@ -17,6 +17,8 @@ import json
 import os
 import re
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,9 +197,9 @@ def add_tensors(writer, model_dir: Path, cfg: dict, arch: str, wanted: str, *, p
         new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise InvalidRequest(f"tensor {hf_name} has no GGUF name for {arch}", param="model")
-        if arch == "llama" and hf_name.endswith("q_proj.weight"):
+        if arch == "llama" and (hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias")):
             data = _permute_for_llama(data, n_head)
-        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+        elif arch == "llama" and (hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias")):
             data = _permute_for_llama(data, n_kv)
         qtype = tensor_qtype(new, data, wanted)
         writer.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
@@ -214,12 +216,18 @@ def _file_type(wanted: str) -> int:
 
 
 def read_config(model_dir: Path) -> tuple[dict, str]:
+    """(config.json, llama.cpp architecture). A qwen2 model whose heads were pruned is written as
+    ``llama`` (same blocks; llama.cpp's llama loader takes the optional q/k/v biases and any
+    head_dim, its qwen2 loader insists on head_dim * heads == hidden)."""
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     archs = cfg.get("architectures") or []
     arch = next((ARCHS[a] for a in archs if a in ARCHS), None)
     if arch is None:
         raise InvalidRequest(f"GGUF export supports {', '.join(ARCHS)}; {model_dir.name} is {archs or 'unknown'}",
                              param="model")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if arch == "qwen2" and head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        arch = "llama"
     return cfg, arch
 
 
@@ -268,9 +276,27 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str, *,
     params.ftype = ftype
     params.nthread = threads or (os.cpu_count() or 1)
     params.allow_requantize = False
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with _captured_stderr() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        raise ModelCorrupt(f"llama.cpp quantize {type} of {Path(src).name} failed (code {rc})")
+        tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+        raise ModelCorrupt(f"llama.cpp quantize {type} of {Path(src).name} failed (code {rc}): {tail}")
+
+
+@contextmanager
+def _captured_stderr():
+    """llama.cpp prints one line per tensor to fd 2; keep it in a file (shown only on failure)."""
+    with tempfile.TemporaryDirectory() as d:
+        log = Path(d) / "llama_quantize.log"
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with log.open("wb") as fh:
+            os.dup2(fh.fileno(), 2)
+            try:
+                yield log
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
 
 
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str = "q8_0", *,

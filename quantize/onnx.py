@@ -125,7 +125,7 @@ def quantize_onnx(fp32_dir: str | os.PathLike, out: str | os.PathLike, type: str
         if type == "int8":
             _int8(model_file, tmp / "model.onnx", quant, large)
         else:
-            _int4(model_file, tmp / "model.onnx", quant, block_size, large)
+            _int4(model_file, tmp / "model.onnx", kept, block_size, large)
         _copy_side_files(src, tmp)
         _replace_dir(tmp, out)
     finally:
@@ -142,14 +142,16 @@ def _int8(src: Path, dst: Path, nodes: list[str], large: bool) -> None:
                      extra_options={"MatMulConstBOnly": True})
 
 
-def _int4(src: Path, dst: Path, nodes: list[str], block_size: int, large: bool) -> None:
-    """Block-wise symmetric int4 (MatMulNBits): one fp32 scale per ``block_size`` input rows."""
+def _int4(src: Path, dst: Path, exclude: list[str], block_size: int, large: bool) -> None:
+    """Block-wise symmetric int4 (MatMulNBits): one fp32 scale per ``block_size`` input rows.
+    (The quantizer's ``nodes_to_include`` widens its op-type selection instead of narrowing it, so the
+    kept nodes are passed as ``nodes_to_exclude``.)"""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))  # with external data
     q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4,
-                             nodes_to_include=nodes)
+                             nodes_to_exclude=exclude)
     q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=large)
 
