@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -53,13 +54,16 @@ def window(text: str, before: int = 48, after: int = 24, chars: int = 120) -> tu
     return anchor, typed, tail
 
 
-async def run(cmd: list[str], source: str, chars: int, settings: dict[str, Any]) -> dict[str, Any]:
+async def run(cmd: list[str], source: str, chars: int, settings: dict[str, Any],
+              log_path: str = "/dev/null") -> dict[str, Any]:
     from pygls.lsp.client import LanguageClient
 
     anchor, typed, tail = window(source, chars=chars)
     client = LanguageClient("localcoder-lsp-bench", "0")
     t0 = time.perf_counter()
-    await client.start_io(*cmd)
+    # the server's stderr goes to a file (pygls' client pipes it and never reads it)
+    await client.start_io("sh", "-c", 'exec "$@" 2>>"$LOCALCODER_LSP_BENCH_LOG"', "sh", *cmd,
+                          env={**os.environ, "LOCALCODER_LSP_BENCH_LOG": log_path})
     caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
         inline_completion=types.InlineCompletionClientCapabilities()))
     await client.initialize_async(types.InitializeParams(capabilities=caps, root_uri="file:///bench",
@@ -71,7 +75,7 @@ async def run(cmd: list[str], source: str, chars: int, settings: dict[str, Any])
         await asyncio.sleep(0.05)
         stats = await _stats(client)
     t_ready = time.perf_counter() - t0
-    pid = client._server.pid  # type: ignore[union-attr]
+    pid = client._server.pid  # type: ignore[union-attr]  (sh exec'd the server: same pid)
     mem_loaded = proc_memory_mib(pid)
 
     uri = "file:///bench/typed.py"
@@ -90,9 +94,9 @@ async def run(cmd: list[str], source: str, chars: int, settings: dict[str, Any])
         if ch in WORD_END or i == len(typed) - 1:
             line, col = doc.position_at(cursor)
             t = time.perf_counter()
-            res = await client.text_document_inline_completion_async(types.InlineCompletionParams(
+            res = await asyncio.wait_for(client.text_document_inline_completion_async(types.InlineCompletionParams(
                 context=types.InlineCompletionContext(types.InlineCompletionTriggerKind.Automatic),
-                text_document=types.TextDocumentIdentifier(uri), position=types.Position(line, col)))
+                text_document=types.TextDocumentIdentifier(uri), position=types.Position(line, col))), 300)
             latencies.append((time.perf_counter() - t) * 1000)
             texts.append(res.items[0].insert_text if res and res.items else "")
     stats = await _stats(client)
@@ -126,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debounce-ms", type=int, default=150)
     p.add_argument("--file", default="", help="file to type (default: the stdlib's textwrap.py)")
     p.add_argument("--out", default="")
+    p.add_argument("--server-log", default="/dev/null", help="file for the server's stderr")
     args = p.parse_args(argv)
-    import os
 
     source = Path(args.file or Path(os.__file__).parent / "textwrap.py").read_text(encoding="utf-8")
     cmd = [sys.executable, "-m", "localcoder.cli", "lsp", "--model", args.model, "--engine", args.engine,
-           "--threads", str(args.threads), "--log-level", "WARNING"]
+           "--threads", str(args.threads), "--log-level", "INFO"]
     settings = {"maxTokens": args.max_tokens, "suffixTokens": args.suffix_tokens, "debounceMs": args.debounce_ms}
-    report = asyncio.run(run(cmd, source, args.chars, settings))
+    report = asyncio.run(run(cmd, source, args.chars, settings, args.server_log))
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

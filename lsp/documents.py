@@ -77,6 +77,12 @@ def chars_to_units(line_text: str, chars: int, encoding: str = UTF16) -> int:
     return sum(_units(ch, encoding) for ch in line_text[:chars])
 
 
+def normalize_encoding(encoding: object) -> str:
+    """'utf-8' | 'utf-16' | 'utf-32' from a PositionEncodingKind (an Enum) or a string; UTF-16 if unknown."""
+    value = str(getattr(encoding, "value", encoding) or "").lower()
+    return value if value in (UTF8, UTF16, UTF32) else UTF16
+
+
 def check_position(pos: Pos) -> None:
     line, character = getattr(pos, "line", None), getattr(pos, "character", None)
     if not isinstance(line, int) or not isinstance(character, int) or line < 0 or character < 0:

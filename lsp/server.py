@@ -34,7 +34,7 @@ from localcoder.errors import InvalidRequest
 from localcoder.lsp import actions
 from localcoder.lsp.backends import Backend, Completion, budget_of, open_backend
 from localcoder.lsp.context import ContextBuilder, ContextOptions, uri_to_path
-from localcoder.lsp.documents import Document, DocumentStore
+from localcoder.lsp.documents import Document, DocumentStore, normalize_encoding
 from localcoder.lsp.errors import Reporter, is_request_error, to_response_error
 from localcoder.lsp.options import apply_settings
 from localcoder.lsp.scheduler import Scheduler
@@ -260,7 +260,7 @@ class LocalcoderServer(LanguageServer):
 # ---- features ------------------------------------------------------------------------------------
 def on_initialize(ls: LocalcoderServer, params: types.InitializeParams) -> None:
     ls.root_uri = params.root_uri or (params.workspace_folders[0].uri if params.workspace_folders else None)
-    ls.documents.encoding = str(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
+    ls.documents.encoding = normalize_encoding(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
     if params.initialization_options is not None:
         ls.configure(params.initialization_options)
     log.info("initialize: root=%s encoding=%s", ls.root_uri, ls.documents.encoding)
@@ -317,21 +317,26 @@ async def on_completion(ls: LocalcoderServer, params: types.CompletionParams) ->
     """Fallback: one item carrying the completion; it replaces the word before the cursor."""
     invoked = params.context is None or params.context.trigger_kind == types.CompletionTriggerKind.Invoked
     uri, at = params.text_document.uri, params.position
+    try:
+        doc = ls.documents.get(uri)
+        offset = doc.offset_at(at)
+    except InvalidRequest as exc:
+        raise to_response_error(exc) from None
+    line_start = doc.offset_at(types.Position(at.line, 0))
+    word = _WORD_BEFORE.search(doc.text[line_start:offset]).group()
+    start = types.Position(*doc.position_at(offset - len(word)))
+    language = doc.language_id
     result = await ls.complete_at(uri, at, automatic=not invoked)
     if result is None:
         return types.CompletionList(is_incomplete=True, items=[])
-    doc = ls.documents.get(uri)
-    line_before = doc.line(at.line)[: doc.offset_at(at) - doc.offset_at(types.Position(at.line, 0))]
-    word = _WORD_BEFORE.search(line_before).group()
-    start = doc.position_at(doc.offset_at(at) - len(word))
     new_text = word + result.text
     label = new_text.split("\n", 1)[0].strip() or new_text.strip()[:60]
     cid = ls.serve(result)
     item = types.CompletionItem(
         label=label[:80], kind=types.CompletionItemKind.Text, detail="localcoder", sort_text="0000",
         filter_text=new_text, insert_text_format=types.InsertTextFormat.PlainText,
-        text_edit=types.TextEdit(types.Range(types.Position(*start), at), new_text),
-        documentation=_documentation(ls, doc.language_id, new_text),
+        text_edit=types.TextEdit(types.Range(start, at), new_text),
+        documentation=_documentation(ls, language, new_text),
         command=_accept_command(cid))
     return types.CompletionList(is_incomplete=True, items=[item])
 

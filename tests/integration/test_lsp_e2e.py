@@ -143,3 +143,36 @@ async def test_accept_reject_and_stats(client: LanguageClient):
     s = await stats(client)
     assert (s["shown"], s["accepted"], s["rejected"]) == (2, 1, 1)
     assert s["accepted_chars"] == len("return a + b") and s["acceptance_rate"] == 0.5
+
+
+async def test_tcp_transport(tmp_path):
+    import json
+    import subprocess
+    import time
+
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(fake_server("--tcp", f"127.0.0.1:{port}"), env=server_env(CONFIG_HOME),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the TCP server did not come up"
+                await asyncio.sleep(0.1)
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                           "params": {"processId": None, "rootUri": None, "capabilities": {}}}).encode()
+        writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        header = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        length = int(header.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        reply = json.loads(await reader.readexactly(length))
+        assert reply["id"] == 1 and "inlineCompletionProvider" in reply["result"]["capabilities"]
+        writer.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

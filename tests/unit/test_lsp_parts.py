@@ -207,6 +207,23 @@ async def test_in_process_completion_sees_path_neighbours_and_incremental_text()
     ls.scheduler.shutdown()
 
 
+@pytest.mark.parametrize("general,expected", [
+    (None, "utf-16"),  # no preference: pygls picks its default, an Enum member
+    (types.GeneralClientCapabilities(position_encodings=[types.PositionEncodingKind.Utf8]), "utf-8"),
+    (types.GeneralClientCapabilities(position_encodings=["utf-32", "utf-16"]), "utf-32"),
+])
+def test_negotiated_position_encoding_reaches_the_documents(general, expected):
+    from localcoder.lsp.server import on_initialize
+
+    ls = create_server(Config())
+    on_initialize(ls, types.InitializeParams(capabilities=types.ClientCapabilities(general=general)))
+    assert ls.documents.encoding == expected
+    doc = ls.documents.open("file:///x.py", "s = '😀x'")
+    col = {"utf-16": 7, "utf-8": 9, "utf-32": 6}[expected]
+    assert doc.text[doc.offset_at(types.Position(0, col))] == "x"
+    ls.scheduler.shutdown()
+
+
 def test_lsp_command_does_not_import_torch():
     code = ("import sys; from localcoder.cli import build_parser; build_parser('lsp'); "
             "import localcoder.lsp.server, localcoder.lsp.backends; "
