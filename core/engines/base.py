@@ -151,3 +151,48 @@ class Stopwatch:
 
     def ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000.0
+
+
+def run_tokens(request: GenerationRequest, timings: Timings, keep: int, n_batch: int,
+               forward: Callable[[list[int]], "object"], reset: Callable[[], None]) -> Iterator[int]:
+    """The token loop every backend shares.
+
+    Evaluates ``request.tokens[keep:]`` in chunks of ``n_batch`` with ``forward(ids) -> (V,) logits
+    of the last position`` (the backend appends to its KV cache), then samples one token per step,
+    feeding it back through ``forward``. Checks cancellation between prefill chunks and between
+    tokens; fills ``timings``. ``reset`` drops the backend's cache if evaluation fails midway.
+    """
+    import numpy as np
+
+    from localcoder.engines.sampling import sample_token
+
+    prompt = request.tokens
+    timings.prompt_n, timings.cached_n = len(prompt), keep
+    clock = Stopwatch()
+    logits = None
+    try:
+        for i in range(keep, len(prompt), n_batch):
+            if request.cancel.cancelled:
+                timings.cancelled = True
+                return
+            logits = forward(prompt[i: i + n_batch])
+            timings.prompt_ms = clock.ms()
+    except BaseException:
+        reset()
+        raise
+    rng = np.random.default_rng(request.sampling.seed)
+    clock = Stopwatch()
+    for step in range(request.max_tokens):
+        if request.cancel.cancelled:
+            timings.cancelled = True
+            return
+        token = sample_token(logits, request.sampling, rng)  # type: ignore[arg-type]
+        timings.predicted_n += 1
+        if token in request.stop_token_ids:
+            timings.stopped_by_token = True
+            timings.predicted_ms = clock.ms()
+            return
+        yield token
+        if step + 1 < request.max_tokens:
+            logits = forward([token])
+        timings.predicted_ms = clock.ms()

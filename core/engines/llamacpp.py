@@ -15,9 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
-from localcoder.engines.base import GenerationRequest, Stopwatch, Timings, TokenStream, check_request
+from localcoder.engines.base import GenerationRequest, Timings, TokenStream, check_request, run_tokens
 from localcoder.engines.kvcache import PrefixCache
-from localcoder.engines.sampling import sample_token
 from localcoder.errors import BackendUnavailable, ModelCorrupt
 
 
@@ -105,43 +104,16 @@ class LlamaCppEngine:
         """(V,) logits of the last evaluated token (a view into llama.cpp's buffer)."""
         return np.ctypeslib.as_array(self._get_logits(self.llm.ctx, -1), shape=(self._n_vocab,))
 
-    def _eval(self, tokens: list[int]) -> None:
+    def _forward(self, tokens: list[int]) -> np.ndarray:
         self.llm.eval(tokens)
         self.cache.extend(tokens)
+        return self._logits()
 
     def _run(self, request: GenerationRequest, timings: Timings) -> Iterator[int]:
-        prompt = request.tokens
-        keep = self.cache.plan(prompt) if request.cache_prompt else 0
+        keep = self.cache.plan(request.tokens) if request.cache_prompt else 0
         self.llm.n_tokens = keep  # llama's eval drops the KV cells from here on
         self.cache.truncate(keep)
-        timings.prompt_n, timings.cached_n = len(prompt), keep
-        clock = Stopwatch()
-        try:
-            for i in range(keep, len(prompt), self.n_batch):
-                if request.cancel.cancelled:
-                    timings.cancelled = True
-                    return
-                self._eval(prompt[i: i + self.n_batch])
-                timings.prompt_ms = clock.ms()
-        except BaseException:
-            self._drop_cache()
-            raise
-        rng = np.random.default_rng(request.sampling.seed)
-        clock = Stopwatch()
-        for step in range(request.max_tokens):
-            if request.cancel.cancelled:
-                timings.cancelled = True
-                return
-            token = sample_token(self._logits(), request.sampling, rng)
-            timings.predicted_n += 1
-            if token in request.stop_token_ids:
-                timings.stopped_by_token = True
-                timings.predicted_ms = clock.ms()
-                return
-            yield token
-            if step + 1 < request.max_tokens:
-                self._eval([token])  # its logits give the next token
-            timings.predicted_ms = clock.ms()
+        yield from run_tokens(request, timings, keep, self.n_batch, self._forward, self._drop_cache)
 
     def _drop_cache(self) -> None:
         self.llm.n_tokens = 0

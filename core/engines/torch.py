@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from localcoder.config import ModelConfig
-from localcoder.engines.base import GenerationRequest, Stopwatch, Timings, TokenStream, check_request
+from localcoder.engines.base import GenerationRequest, Timings, TokenStream, check_request, run_tokens
 from localcoder.engines.kvcache import PrefixCache
 from localcoder.errors import BackendUnavailable, InvalidRequest, ModelCorrupt
 from localcoder.models import BUILTIN, ResolvedModel, hf_cache_path, home
@@ -234,48 +234,15 @@ class TorchEngine:
         return out.logits[0, -1].float().cpu().numpy()  # (V,)
 
     def _run(self, request: GenerationRequest, timings: Timings) -> Iterator[int]:
-        import numpy as np
-
-        from localcoder.engines.sampling import sample_token
-
-        prompt = request.tokens
-        keep = self.cache.plan(prompt) if request.cache_prompt else 0
+        keep = self.cache.plan(request.tokens) if request.cache_prompt else 0
         if self.past is not None:
             if keep == 0:
                 self.past = None
             else:
                 self.past.crop(keep)
         self.cache.truncate(keep)
-        timings.prompt_n, timings.cached_n = len(prompt), keep
-        rng = np.random.default_rng(request.sampling.seed)
         with self.torch.inference_mode():
-            clock = Stopwatch()
-            logits = None
-            try:
-                for i in range(keep, len(prompt), self.n_batch):
-                    if request.cancel.cancelled:
-                        timings.cancelled = True
-                        return
-                    logits = self._forward(prompt[i: i + self.n_batch])
-                    timings.prompt_ms = clock.ms()
-            except BaseException:
-                self.reset_cache()
-                raise
-            clock = Stopwatch()
-            for step in range(request.max_tokens):
-                if request.cancel.cancelled:
-                    timings.cancelled = True
-                    return
-                token = sample_token(logits, request.sampling, rng)
-                timings.predicted_n += 1
-                if token in request.stop_token_ids:
-                    timings.stopped_by_token = True
-                    timings.predicted_ms = clock.ms()
-                    return
-                yield token
-                if step + 1 < request.max_tokens:
-                    logits = self._forward([token])
-                timings.predicted_ms = clock.ms()
+            yield from run_tokens(request, timings, keep, self.n_batch, self._forward, self.reset_cache)
 
     def reset_cache(self) -> None:
         self.past = None
