@@ -341,12 +341,16 @@ async def on_completion(ls: LocalcoderServer, params: types.CompletionParams) ->
     return types.CompletionList(is_incomplete=True, items=[item])
 
 
-def _documentation(ls: LocalcoderServer, language: str, text: str) -> types.MarkupContent:
+def _documentation(ls: LocalcoderServer, language: str, text: str) -> types.MarkupContent | None:
+    """The completion as documentation, in a format the client lists (none if it lists none)."""
     td = ls.client_capabilities.text_document
     item = td.completion.completion_item if td and td.completion else None
-    if item and item.documentation_format and types.MarkupKind.Markdown in item.documentation_format:
+    formats = (item.documentation_format if item else None) or []
+    if types.MarkupKind.Markdown in formats:
         return types.MarkupContent(types.MarkupKind.Markdown, f"```{language}\n{text}\n```")
-    return types.MarkupContent(types.MarkupKind.PlainText, text)
+    if types.MarkupKind.PlainText in formats:
+        return types.MarkupContent(types.MarkupKind.PlainText, text)
+    return None
 
 
 def on_code_action(ls: LocalcoderServer, params: types.CodeActionParams) -> list[types.CodeAction]:
