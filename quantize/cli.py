@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heldout", nargs="*", help="source dirs for held-out cases (default: Python stdlib)")
     g.add_argument("--calib", nargs="*", help="source dirs for calibration code (default: Python stdlib)")
     g.add_argument("--calib-seqs", type=int, default=6, help="calibration windows of 256 tokens")
+    g.add_argument("--fim-max-tokens", type=int, help="max tokens per FIM case (default: the eval default, 48)")
     g.add_argument("--no-exec", action="store_true", help="do not execute HumanEval tests (no pass@1)")
     g.add_argument("--report", help="report path without extension (default: <out>.report)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = GateConfig(threshold=args.threshold / 100.0, min_top1=args.min_top1, max_kl=args.max_kl,
                          n_humaneval=args.n_humaneval, n_heldout=args.n_heldout, heldout_paths=args.heldout,
                          calib_paths=args.calib, calib_seqs=args.calib_seqs, execute=not args.no_exec,
+                         fim_max_tokens=args.fim_max_tokens,
                          threads=args.threads, progress=progress)
         report = run_gate(src_dir, [artifact], cfg, cache_dir=models.home() / "gate-cache").to_dict()
         report.update(extra)

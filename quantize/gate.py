@@ -44,6 +44,7 @@ class GateConfig:
     speed_prompt: int = 512  # tokens in the cold prefill measured for speed
     speed_decode: int = 64  # tokens decoded for speed
     execute: bool = True  # run HumanEval tests for pass@1
+    fim_max_tokens: int | None = None  # None: the eval runner's default (48 single-line)
     threads: int = 0
     seed: int = 0
     progress: bool = True
@@ -202,7 +203,8 @@ def evaluate_engine(engine, cases, cfg: GateConfig, name: str):
     from localcoder.completion import completer_for
     from localcoder.eval.runner import evaluate
 
-    return evaluate(completer_for(engine), cases, execute=cfg.execute, progress=cfg.progress, name=name, cold=True)
+    return evaluate(completer_for(engine), cases, execute=cfg.execute, progress=cfg.progress, name=name, cold=True,
+                    max_tokens=cfg.fim_max_tokens)
 
 
 def measure_speed(engine, prompt: list[int], n_decode: int) -> tuple[float, float]:
@@ -232,7 +234,7 @@ def load_artifact_engine(art: Artifact, cfg: GateConfig):
 def _cache_key(source: Path, cfg: GateConfig) -> str:
     st = next(iter(sorted(source.glob("*.safetensors"))), source / "config.json").stat()
     parts = [str(source.resolve()), st.st_size, st.st_mtime_ns, cfg.n_humaneval, cfg.n_heldout,
-             list(cfg.heldout_paths or []), cfg.seed, cfg.execute, cfg.threads]
+             list(cfg.heldout_paths or []), cfg.seed, cfg.execute, cfg.threads, cfg.fim_max_tokens]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 

@@ -146,9 +146,12 @@ def _int4(src: Path, dst: Path, exclude: list[str], block_size: int, large: bool
     """Block-wise symmetric int4 (MatMulNBits): one fp32 scale per ``block_size`` input rows.
     (The quantizer's ``nodes_to_include`` widens its op-type selection instead of narrowing it, so the
     kept nodes are passed as ``nodes_to_exclude``.)"""
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # one line per node
     model = onnx.load(str(src))  # with external data
     q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4,
                              nodes_to_exclude=exclude)

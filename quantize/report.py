@@ -36,7 +36,8 @@ def machine_info() -> dict:
         except md.PackageNotFoundError:
             return None
 
-    return {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+    return {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "machine": platform.machine(),
+            "python": platform.python_version(),
             **{d: version(d) for d in ("torch", "transformers", "onnxruntime", "optimum-onnx", "llama-cpp-python",
                                        "gguf")}}
 
@@ -63,7 +64,8 @@ def markdown(report: dict, title: str = "localcoder quantize report") -> str:
              f"speed: {cfg['speed_prompt']}-token cold prefill, {cfg['speed_decode']} decoded tokens; "
              f"threads: {cfg['threads'] or 'all'}.",
              f"Read bandwidth measured with numpy: **{report['bandwidth_gb_s']:.1f} GB/s** "
-             f"({report['machine'].get('cpus')} CPUs). Decode bound = bandwidth ÷ weight bytes per token.",
+             f"({report['machine'].get('cpus')} CPUs, load average {report['machine'].get('load_avg_1m', '?')} when "
+             f"measured). Decode bound = bandwidth ÷ weight bytes per token.",
              "",
              "| artifact | size MB | weights/token MB | load s | prefill tok/s | decode tok/s | bound tok/s | "
              "of bound | KL | top-1 | ES | EM | pass@1 | ES drop (95% CI of diff) | gate |",
