@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from typing import BinaryIO
 
 from localcoder.cli import add_model_arguments, config_from_args
 from localcoder.errors import InvalidRequest
@@ -38,6 +40,19 @@ def setup_logging(level: str) -> None:
     logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def protocol_streams() -> tuple[BinaryIO, BinaryIO]:
+    """stdin and a private copy of stdout for the protocol; fd 1 then points at stderr.
+
+    Libraries write to fd 1 behind our back: llama.cpp logs, and llama-cpp-python points fd 1 at
+    /dev/null while it loads a model (``suppress_stdout_stderr``), which would swallow any LSP
+    message written meanwhile. With the protocol on its own descriptor neither can touch it.
+    """
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return sys.stdin.buffer, out
+
+
 def run(args: argparse.Namespace) -> int:
     from localcoder.lsp.server import create_server
 
@@ -49,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("localcoder.lsp").info("listening on %s:%d", *tcp)
         server.start_tcp(*tcp)
     else:
-        server.start_io()
+        server.start_io(*protocol_streams())
     return 0
