@@ -1,0 +1,152 @@
+"""Typed, documented configuration of a distillation run. It *is* the CLI (``cli.py`` builds flags from
+these fields) and the config-file format (TOML, same keys). Imports nothing heavy.
+
+Presets fill defaults by machine class; explicit flags and config-file keys override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from localcoder.errors import InvalidRequest
+
+
+@dataclass
+class DistillConfig:
+    # ---- models
+    teacher: str = "qwen2.5-coder-0.5b"  # name, path or hub id of the teacher
+    student: str = ""  # an HF model sharing the teacher's tokenizer (init c); empty: prune the teacher
+    student_layers: int = 12  # blocks kept when pruning the teacher (init a)
+    layer_selection: str = "importance"  # importance | uniform
+    heads_keep: float = 1.0  # width pruning (init b): fraction of query heads kept per KV group
+    mlp_keep: float = 1.0  # width pruning (init b): fraction of MLP channels kept
+    freeze_embeddings: bool = True  # keep embeddings and lm_head frozen (V x H each)
+    lora_rank: int = 0  # >0: train LoRA adapters (peft) instead of the blocks; merged on export
+    # ---- data
+    data: list[str] = field(default_factory=list)  # corpus directories (default: the stdlib source)
+    out: str = "runs/student"
+    cache_dir: str = ""  # tokenized + teacher caches (default: <LOCALCODER_HOME>/distill-cache)
+    languages: list[str] = field(default_factory=list)  # restrict to these languages (default: all known)
+    max_file_bytes: int = 256_000
+    near_dedup: bool = True
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    max_train_files: int = 0  # 0 = all; a cap bounds tokenization time on big corpora
+    train_rows: int = 0  # 0 = all; else train on the first N packed rows (epochs cycle over them)
+    seq_len: int = 256
+    fim_rate: float = 0.9
+    fim_order: str = "psm"  # the student's order: psm | spm (cache-friendly; the teacher may read psm)
+    teacher_order: str = "psm"
+    span_kinds: list[str] = field(default_factory=lambda: ["line", "block", "char"])
+    # ---- objective
+    loss: str = "fkl"  # ce | fkl | rkl | jsd
+    alpha: float = 0.1  # weight of cross-entropy on the real tokens
+    temperature: float = 1.0
+    beta: float = 0.5  # generalized JSD
+    loss_positions: str = "all"  # all | middle
+    teacher_mode: str = "cached"  # cached (top-k on disk) | online
+    top_k: int = 32
+    seqkd: bool = False  # sequence-level KD: the teacher writes the FIM middles of the training data
+    onpolicy_steps: int = 0  # a final GKD phase: student samples middles, teacher scores them
+    # ---- optimisation
+    steps: int = 300
+    max_minutes: float = 0.0  # >0: wall-clock budget of the training loop (the schedule follows it)
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_checkpointing: bool = False
+    seed: int = 0
+    threads: int = 0  # CPU threads (0 = torch default)
+    device: str = "auto"  # auto | cpu | cuda
+    memory_limit_gb: float = 0.0  # 0 = what the machine has available now
+    # ---- validation, checkpoints, output
+    val_every: int = 50
+    val_rows: int = 16
+    val_fim_cases: int = 0  # FIM EM/ES on this many validation cases at each validation (slow on CPU)
+    patience: int = 0  # early stopping after this many validations without improvement (0 = off)
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 5
+    register_as: str = ""  # name in `localcoder models` (default: the output directory's name)
+    preset: str = ""
+
+    def check(self) -> None:
+        def bad(param, msg):
+            raise InvalidRequest(msg, param=param)
+
+        if self.loss not in ("ce", "fkl", "rkl", "jsd"):
+            bad("loss", f"loss must be ce, fkl, rkl or jsd, got {self.loss!r}")
+        if self.teacher_mode not in ("cached", "online"):
+            bad("teacher_mode", f"teacher mode must be cached or online, got {self.teacher_mode!r}")
+        if self.loss_positions not in ("all", "middle"):
+            bad("loss_positions", f"loss positions must be all or middle, got {self.loss_positions!r}")
+        for name in ("steps", "batch_size", "grad_accum", "top_k", "val_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                bad(name, f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            bad("alpha", f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            bad("temperature", f"temperature must be > 0, got {self.temperature}")
+        if self.student_layers < 1:
+            bad("student_layers", f"--student-layers must be >= 1, got {self.student_layers}")
+        if self.onpolicy_steps and self.fim_order != self.teacher_order:
+            bad("onpolicy_steps", "the on-policy phase needs the same FIM order for teacher and student")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 2-core laptop, no GPU, budgeted for < 60 min end to end on an *idle* machine: data ~1.5 min, student
+    # init ~1 min, teacher top-k over 400 rows (102k tokens at ~150 tok/s) ~11 min, training 35 min
+    # (~110 tok/s: ~2 epochs over those rows), export/report ~1 min. See docs/distill.md for measurements.
+    "laptop": dict(student_layers=12, seq_len=256, batch_size=4, grad_accum=1, steps=2000, max_minutes=35,
+                   teacher_mode="cached", top_k=32, loss="fkl", alpha=0.1, loss_positions="all", lr=2e-4,
+                   warmup_steps=10, val_every=100, val_rows=16, ckpt_every=50, max_train_files=600,
+                   train_rows=400),
+    # one or more GPUs: longer sequences, bigger batches, online teacher, bf16 autocast.
+    "gpu": dict(student_layers=12, seq_len=1024, batch_size=16, grad_accum=2, steps=3000, teacher_mode="online",
+                loss="fkl", alpha=0.1, loss_positions="all", lr=3e-4, warmup_steps=100, val_every=250,
+                val_rows=64, val_fim_cases=100, ckpt_every=250, grad_checkpointing=True),
+}
+
+
+def field_names() -> set[str]:
+    return {f.name for f in fields(DistillConfig)}
+
+
+def load(preset: str = "", file: str | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
+    """Defaults < preset < config file < explicit overrides (None values are ignored)."""
+    values: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise InvalidRequest(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}", param="preset")
+        values.update(PRESETS[preset])
+    if file:
+        values.update(_read_file(Path(file)))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(values) - field_names()
+    if unknown:
+        raise InvalidRequest(f"unknown config keys: {', '.join(sorted(unknown))}", param="config")
+    cfg = DistillConfig(**values)
+    cfg.preset = preset or cfg.preset
+    cfg.check()
+    return cfg
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InvalidRequest(f"config file {path} does not exist", param="config") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"config file {path} is not valid TOML: {exc}", param="config") from exc
+    return data.get("distill", data)

@@ -1,0 +1,123 @@
+"""The acceptance experiment's measurements: the same held-out cases for every model, then paired stats.
+
+    # one process per model (they can run side by side), each writes OUT/NAME.json
+    python -m localcoder.distill.experiment score --name kd --model runs/exp/kd/model --splits runs/exp/kd/splits.json \\
+        --out runs/exp/eval --n 300 --humaneval 100
+    # table + paired bootstrap of every model against a baseline
+    python -m localcoder.distill.experiment combine --out runs/exp/eval --a kd --b ce --b untrained
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def held_out_cases(splits: Path, n: int, seed: int = 0):
+    from localcoder.eval.heldout import sample_cases
+
+    test_files = json.loads(splits.read_text())["test"]
+    return sample_cases(test_files, n, seed=seed, max_prefix_chars=1500, max_suffix_chars=400)
+
+
+def score(args) -> int:
+    import torch
+
+    from localcoder.distill import evaluate
+    from localcoder.distill.students import load_causal_lm
+    from localcoder.engines.torch import HFTokenizer
+    from localcoder.fim.formats import detect_format
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, hf_tok = load_causal_lm(args.model)
+    model.eval()
+    tok = HFTokenizer(hf_tok)
+    fmt = detect_format(tok)
+    res: dict = {"name": args.name, "model": args.model, "layers": model.config.num_hidden_layers,
+                 "params": sum(p.numel() for p in model.parameters())}
+    t0 = time.perf_counter()
+    cases = held_out_cases(Path(args.splits), args.n, args.seed)
+    budget = dict(max_prefix_tokens=args.prefix_tokens, max_suffix_tokens=args.suffix_tokens)
+    r = evaluate.fim_generate(model, tok, fmt, cases, order=args.order, batch_size=args.batch_size, **budget)
+    res["heldout"] = {"ids": [c.id for c in cases], "es": r.es, "em": r.em, "texts": r.texts, "seconds": r.seconds}
+    print(f"[{args.name}] held-out n={len(cases)} ES={sum(r.es) / len(r.es):.4f} ({r.seconds:.0f} s)", file=sys.stderr)
+    if args.humaneval:
+        from localcoder.eval.humaneval_infill import load_tasks
+
+        tasks = load_tasks(kind="single", limit=args.humaneval, seed=0)
+        h = evaluate.fim_generate(model, tok, fmt, tasks, order=args.order, batch_size=args.batch_size, **budget)
+        res["humaneval"] = {"ids": [c.id for c in tasks], "es": h.es, "em": h.em, "texts": h.texts, "seconds": h.seconds}
+        print(f"[{args.name}] humaneval n={len(tasks)} ES={sum(h.es) / len(h.es):.4f}", file=sys.stderr)
+    res["speed"] = evaluate.speed(model, repeats=2)
+    res["seconds"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(res))
+    return 0
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def combine(args) -> int:
+    from localcoder.eval.metrics import paired_bootstrap
+
+    out = Path(args.out)
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem != "summary"}
+    teacher_es = _mean(runs[args.teacher]["heldout"]["es"]) if args.teacher in runs else None
+    lines = ["| model | layers | held-out ES | held-out EM | HumanEval-1L ES | HumanEval-1L EM | prefill tok/s | "
+             "decode tok/s | % teacher ES |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        es = _mean(r["heldout"]["es"])
+        he = r.get("humaneval", {})
+        frac = f"{100 * es / teacher_es:.0f}%" if teacher_es else ""
+        lines.append(f"| {name} | {r['layers']} | {es:.4f} | {_mean(r['heldout']['em']):.4f} | "
+                     f"{_mean(he.get('es', [])):.4f} | {_mean(he.get('em', [])):.4f} | "
+                     f"{r['speed']['prefill_tok_s']:.0f} | {r['speed']['decode_tok_s']:.1f} | {frac} |")
+    lines.append("")
+    for b in args.b:
+        for split in ("heldout", "humaneval"):
+            if split not in runs[args.a] or split not in runs[b]:
+                continue
+            assert runs[args.a][split]["ids"] == runs[b][split]["ids"], "cases differ between runs"
+            d, lo, hi = paired_bootstrap(runs[args.a][split]["es"], runs[b][split]["es"])
+            lines.append(f"- {split} ES {args.a} − {b}: {d:+.4f} (95% paired bootstrap CI {lo:+.4f} .. {hi:+.4f}, "
+                         f"n={len(runs[b][split]['es'])})")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m localcoder.distill.experiment")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("score")
+    s.add_argument("--name", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--splits", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=300)
+    s.add_argument("--humaneval", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--order", default="psm")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--prefix-tokens", type=int, default=192)
+    s.add_argument("--suffix-tokens", type=int, default=64)
+    c = sub.add_parser("combine")
+    c.add_argument("--out", required=True)
+    c.add_argument("--a", required=True)
+    c.add_argument("--b", action="append", default=[])
+    c.add_argument("--teacher", default="teacher")
+    args = ap.parse_args(argv)
+    return score(args) if args.cmd == "score" else combine(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
