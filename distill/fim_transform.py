@@ -23,7 +23,7 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -200,19 +200,24 @@ def _eos_id(tok) -> int:
     return endoftext if endoftext is not None else ids[0]
 
 
-def make_examples(tok, fmt: FimFormat, files: Sequence[SourceFile], spec: FimSpec, seed: int) -> list[Example]:
-    """Chunk every file, FIM-transform a ``rate`` share of the chunks; deterministic in ``seed``."""
+def make_examples(tok, fmt: FimFormat, files: Sequence[SourceFile], spec: FimSpec, seed: int,
+                  rewrite: Callable[[list[tuple[str, str, str]]], list[str]] | None = None) -> list[Example]:
+    """Chunk every file, FIM-transform a ``rate`` share of the chunks; deterministic in ``seed``.
+    ``rewrite`` (sequence-level KD) maps the (prefix, middle, suffix) triples to the middles to train on."""
     rng = random.Random(seed)
-    out = []
+    items: list[tuple[str, ...]] = []
     for f in files:
         for chunk in chunk_text(f.text, int(spec.seq_len * CHARS_PER_TOKEN)):
             if rng.random() < spec.rate:
                 kind = spec.span_kinds[rng.randrange(len(spec.span_kinds))]
-                pre, mid, suf = split_span(chunk, kind, rng, spec.max_block_lines)
-                out.append(encode_example(tok, fmt, pre, mid, suf, spec))
+                items.append(split_span(chunk, kind, rng, spec.max_block_lines))
             else:
-                out.append(encode_plain(tok, chunk, spec))
-    return out
+                items.append((chunk,))
+    if rewrite is not None:
+        triples = [it for it in items if len(it) == 3]
+        middles = iter(rewrite(triples))
+        items = [(it[0], next(middles), it[2]) if len(it) == 3 else it for it in items]
+    return [encode_example(tok, fmt, *it, spec) if len(it) == 3 else encode_plain(tok, it[0], spec) for it in items]
 
 
 # ---- packing ---------------------------------------------------------------------------------------------
@@ -296,7 +301,8 @@ def _vocab_hash(hf) -> str:
 
 
 def build_split(tok, fmt: FimFormat, files: Sequence[SourceFile], spec: FimSpec, *, seed: int,
-                data_fp: str, cache_dir: Path | None, name: str) -> Packed:
+                data_fp: str, cache_dir: Path | None, name: str,
+                rewrite: Callable[[list[tuple[str, str, str]]], list[str]] | None = None) -> Packed:
     """Packed rows of one split, loaded from ``cache_dir`` when the same data + tokenizer + spec were
     tokenized before (the second run does not re-tokenize)."""
     spec.check()
@@ -311,7 +317,7 @@ def build_split(tok, fmt: FimFormat, files: Sequence[SourceFile], spec: FimSpec,
             path.unlink(missing_ok=True)  # a torn cache file is rebuilt, never trusted
     if not files:
         raise InputFileError(f"the {name} split has no files", hint="give a larger corpus or change --val/--test")
-    examples = make_examples(tok, fmt, files, spec, seed)
+    examples = make_examples(tok, fmt, files, spec, seed, rewrite)
     order = list(range(len(examples)))
     random.Random(seed + 1).shuffle(order)  # mix files within rows; deterministic
     packed = pack([examples[i] for i in order], spec.seq_len, _eos_id(tok))

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -156,7 +155,3 @@ def onpolicy_rows(student, student_ids: torch.Tensor, middle_id: int, pad_id: in
 def cache_dir_for(base: Path, teacher_name: str, data_key: str, k: int) -> Path:
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in teacher_name)
     return Path(base) / f"teacher-{safe}-{data_key}-k{k}"
-
-
-def file_ok(path: Path) -> bool:
-    return path.is_file() and os.path.getsize(path) > 0

@@ -137,7 +137,7 @@ class Data:
     describe: str
 
 
-def prepare_data(cfg: DistillConfig, tok, fmt, cache_dir: Path, dist: Dist) -> Data:
+def prepare_data(cfg: DistillConfig, tok, fmt, cache_dir: Path, dist: Dist, teacher=None, tname: str = "") -> Data:
     roots = cfg.data or [str(data_mod.default_corpus())]
     corpus = data_mod.walk_corpus(roots, max_bytes=cfg.max_file_bytes, languages=cfg.languages or None)
     if not corpus.files:
@@ -152,19 +152,23 @@ def prepare_data(cfg: DistillConfig, tok, fmt, cache_dir: Path, dist: Dist) -> D
         train_files.sort(key=lambda f: f.rel)
     fp = data_mod.fingerprint(files)
     spec = FimSpec(cfg.seq_len, cfg.fim_rate, cfg.fim_order, cfg.teacher_order, tuple(cfg.span_kinds))
+    rewrite, tag = None, ""
+    if cfg.seqkd:  # sequence-level KD: the teacher's greedy middles replace the real ones in training data
+        from localcoder.distill.teacher import teacher_middles
+
+        def seqkd_middles(triples):
+            return teacher_middles(teacher, tok, fmt, triples, order=cfg.teacher_order)
+        rewrite, tag = seqkd_middles, f"-seqkd-{tname}"
     packed = {}
-    for name, fl in (("train", train_files), ("val", splits["val"]), ("test", splits["test"])):
-        if not fl and name != "train":
-            fl = splits["train"][:1]  # tiny corpora: reuse one training file so validation can run
-        if dist.main or dist.world == 1:
-            packed[name] = build_split(tok, fmt, fl, spec, seed=cfg.seed, data_fp=fp + f"-{len(fl)}",
-                                       cache_dir=cache_dir, name=name)
-    dist.barrier()
-    if not dist.main:  # the cache is written by rank 0; the others read it
-        for name, fl in (("train", train_files), ("val", splits["val"] or splits["train"][:1]),
-                         ("test", splits["test"] or splits["train"][:1])):
-            packed[name] = build_split(tok, fmt, fl, spec, seed=cfg.seed, data_fp=fp + f"-{len(fl)}",
-                                       cache_dir=cache_dir, name=name)
+    todo = [("train", train_files, rewrite, tag), ("val", splits["val"] or splits["train"][:1], None, ""),
+            ("test", splits["test"] or splits["train"][:1], None, "")]  # tiny corpora: reuse a training file
+    if not dist.main:
+        dist.barrier()  # rank 0 writes the tokenized cache first; the other ranks then read it
+    for name, fl, rw, extra in todo:
+        packed[name] = build_split(tok, fmt, fl, spec, seed=cfg.seed, data_fp=fp + f"-{len(fl)}{extra}",
+                                   cache_dir=cache_dir, name=name, rewrite=rw)
+    if dist.main:
+        dist.barrier()
     describe = (f"{corpus.describe()}; dedup removed {report.exact_duplicates} exact + {report.near_duplicates} "
                 f"near duplicates; files train/val/test {len(train_files)}/{len(splits['val'])}/{len(splits['test'])}; "
                 f"rows {len(packed['train'])}/{len(packed['val'])}/{len(packed['test'])} of {cfg.seq_len} tokens")
@@ -351,8 +355,11 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
     t_tok_hf = transformers.AutoTokenizer.from_pretrained(str(tdir))
     tok = HFTokenizer(t_tok_hf)
     fmt = detect_format(tok)
+    teacher = students.load_causal_lm(tdir)[0].eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
     t0 = time.perf_counter()
-    data = prepare_data(cfg, tok, fmt, cache_dir, dist)
+    data = prepare_data(cfg, tok, fmt, cache_dir, dist, teacher=teacher, tname=tname)
     if cfg.train_rows and len(data.train) > cfg.train_rows:
         data.train = data.train.rows(slice(0, cfg.train_rows))  # rows are already shuffled
     log(f"data: {data.describe} ({time.perf_counter() - t0:.0f} s)", dist)
@@ -360,10 +367,7 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
         (out / "splits.json").write_text(json.dumps({"val": [str(p) for p in data.val_files],
                                                      "test": [str(p) for p in data.test_files]}, indent=0))
 
-    # models
-    teacher = students.load_causal_lm(tdir)[0].eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    # student
     calib = torch.as_tensor(data.train.teacher_ids[:8]).long()  # (8, L) calibration code
     student, s_tok, init = build_student(cfg, tdir, calib, out, dist)
     students.check_tokenizers(t_tok_hf, s_tok)
@@ -445,6 +449,7 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
             window_tokens, window_time = 0, 0.0
         if st.step % cfg.val_every == 0:
             _validate(cfg, student, val_rows, val_cache, teacher, data, tok, fmt, st, metrics_file, dist)
+            st.stopped = _agree_on_stop(st.stopped, dist)
         if st.step % cfg.ckpt_every == 0 and dist.main:
             save_checkpoint(out, student, opt, st, cfg.keep_checkpoints)
         dist.barrier()
@@ -574,6 +579,15 @@ def _validate(cfg, student, val_rows, val_cache, teacher, data: Data, tok, fmt, 
         st.bad_vals += 1
         if cfg.patience and st.bad_vals >= cfg.patience and not final:
             st.stopped = f"early stop (no val improvement in {cfg.patience} validations)"
+
+
+def _agree_on_stop(stopped: str, dist: Dist) -> str:
+    """Rank 0 decides early stopping; every rank must leave the loop at the same step."""
+    if dist.world == 1:
+        return stopped
+    flag = torch.tensor([1 if stopped else 0])
+    torch.distributed.broadcast(flag, 0)
+    return stopped or ("early stop (rank 0)" if int(flag) else "")
 
 
 def _append(path: Path, rec: dict, dist: Dist) -> None:

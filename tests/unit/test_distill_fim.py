@@ -107,3 +107,30 @@ def test_pack_and_cache(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(ft, "make_examples", lambda *a, **k: pytest.fail("re-tokenized despite the cache"))
     again = ft.build_split(tok, fmt, files, spec, seed=0, data_fp="fp", cache_dir=tmp_path / "cache", name="train")
     assert all(np.array_equal(a, b) for a, b in zip(packed.arrays(), again.arrays()))
+
+
+def test_sequence_kd_rewrites_the_middles(tok, tmp_path, tiny_qwen_dir):
+    import transformers
+
+    from localcoder.distill.teacher import teacher_middles
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text(CODE)
+    files = walk_corpus([tmp_path / "src"]).files
+    fmt = get_format("qwen")
+    spec = ft.FimSpec(seq_len=128, rate=1.0, span_kinds=("line",))
+    seen = []
+
+    def rewrite(triples):
+        seen.extend(triples)
+        return ["pass  # teacher\n"] * len(triples)
+
+    packed = ft.build_split(tok, fmt, files, spec, seed=0, data_fp="fp-seqkd", cache_dir=None, name="train",
+                            rewrite=rewrite)
+    want = tok.tokenize("pass  # teacher\n")
+    mids = [[int(packed.student_ids[r, j + 1]) for j in np.flatnonzero(packed.mid_mask[r])][:-1]
+            for r in range(len(packed))]
+    assert seen and all(m == want for m in mids if m)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_qwen_dir))
+    out = teacher_middles(teacher, tok, fmt, (seen * 2)[:2], max_new=4)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)

@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from localcoder.cli import main as cli_main
-from localcoder.distill.config import load
 from localcoder.distill.train import train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
