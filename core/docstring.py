@@ -1,4 +1,4 @@
-"""Code action "Generate docstring": infill a Python function's docstring by FIM.
+"""Generate a docstring by FIM (the LSP code action and the docstring BLEU eval share it).
 
 The prompt is the file with the cursor between the opening and closing quotes of an empty
 docstring right after the signature::

@@ -83,7 +83,10 @@ class StopRules:
                 cuts.append((i, "word"))
         if self.mode == "single":
             i = self._first_content_newline(text)
-            if i is not None:
+            line = text if i is None and final else (text[:i] if i is not None else None)
+            if line is not None and self.next_line and line.strip() == self.next_line:
+                cuts.append((0, "suffix"))  # the line already follows the cursor: nothing to add
+            elif i is not None:
                 cuts.append((i, "line"))
         else:
             cuts += self._block_cuts(text, final)

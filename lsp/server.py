@@ -31,7 +31,7 @@ from localcoder import __version__
 from localcoder.completion import InfillRequest
 from localcoder.config import Config
 from localcoder.errors import InvalidRequest
-from localcoder.lsp import actions
+from localcoder import docstring
 from localcoder.lsp.backends import Backend, Completion, budget_of, open_backend
 from localcoder.lsp.context import ContextBuilder, ContextOptions, uri_to_path
 from localcoder.lsp.documents import Document, DocumentStore, normalize_encoding
@@ -360,7 +360,7 @@ def on_code_action(ls: LocalcoderServer, params: types.CodeActionParams) -> list
         raise to_response_error(exc) from None
     if doc.language_id not in ("python", "") and not doc.uri.endswith(".py"):
         return []
-    fn = actions.find_function(doc.text, params.range.start.line)
+    fn = docstring.find_function(doc.text, params.range.start.line)
     if fn is None or fn.has_docstring:
         return []
     args = [doc.uri, {"line": params.range.start.line, "character": params.range.start.character}]
@@ -374,13 +374,13 @@ async def generate_docstring(ls: LocalcoderServer, uri: str, position: dict) -> 
     try:
         doc = ls.documents.get(uri)
         line = int(position["line"]) if isinstance(position, dict) else -1
-        fn = actions.find_function(doc.text, line)
+        fn = docstring.find_function(doc.text, line)
         if fn is None:
             raise InvalidRequest(f"no Python function at line {line}", param="position")
     except (InvalidRequest, KeyError, TypeError, ValueError) as exc:
         raise to_response_error(exc if isinstance(exc, InvalidRequest) else
                                 InvalidRequest(f"bad arguments: {exc}", param="arguments")) from None
-    req = actions.docstring_request(doc.text, fn, path=uri_to_path(uri, ls.root_uri))
+    req = docstring.docstring_request(doc.text, fn, path=uri_to_path(uri, ls.root_uri))
     ticket = ls.scheduler.issue(f"docstring:{uri}")
     try:
         result = await ls.scheduler.run(ticket, lambda: req)
@@ -389,7 +389,7 @@ async def generate_docstring(ls: LocalcoderServer, uri: str, position: dict) -> 
     except Exception as exc:
         ls.report(exc)
         return {"applied": False, "text": None}
-    text = actions.format_docstring(result.text if result else "", fn.indent)
+    text = docstring.format_docstring(result.text if result else "", fn.indent)
     if text is None:
         ls.window_show_message(types.ShowMessageParams(types.MessageType.Info, "localcoder: no docstring generated"))
         return {"applied": False, "text": None}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from localcoder.cli import add_model_arguments, config_from_args, open_completer
 
-SUITES = ("humaneval-single", "humaneval-multi", "heldout")
+SUITES = ("humaneval-single", "humaneval-multi", "heldout", "docstrings")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,11 @@ def cases_for(suite: str, args: argparse.Namespace):
     if suite.startswith("humaneval"):
         return humaneval_infill.load_tasks(suite.split("-")[1], args.limit, args.seed)
     if not args.data:
-        raise InvalidRequest("the heldout suite needs --data DIR (a directory of source files)", param="data")
+        raise InvalidRequest(f"the {suite} suite needs --data DIR (a directory of source files)", param="data")
+    if suite == "docstrings":
+        from localcoder.eval import docstrings
+
+        return docstrings.sample_cases(args.data, args.limit or 100, args.seed)
     return heldout.sample_cases(args.data, args.limit or 200, args.seed, tuple(args.heldout_kinds.split(",")))
 
 

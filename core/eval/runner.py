@@ -93,7 +93,8 @@ def write_reports(reports: Sequence[EvalReport], out: Path) -> None:
 
 
 def table(reports: Sequence[EvalReport]) -> str:
-    head = "| suite | n | EM | ES | pass@1 | median latency | p95 latency | prompt tokens |\n|---|---|---|---|---|---|---|---|"
+    head = ("| suite | n | EM | ES (BLEU for docstrings) | pass@1 | median latency | p95 latency | prompt tokens |\n"
+            "|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in reports:
         s = r.summary

@@ -61,3 +61,19 @@ def test_runner_scores_a_fake_engine():
     s = report.summary
     assert s["n"] == 5 and 0 <= s["es"] <= 1 and s["pass_at_1"] is not None
     assert "| t | 5 |" in table([report])
+
+
+def test_docstring_cases_remove_the_docstring_and_score_with_bleu(tmp_path):
+    from localcoder.eval import docstrings
+
+    (tmp_path / "geo.py").write_text(
+        'def area(w, h):\n    """Return the area of a w by h rectangle."""\n    return w * h\n\n\n'
+        'def nodoc(x):\n    return x\n')
+    cases = docstrings.sample_cases([tmp_path], 5)
+    assert len(cases) == 1
+    c = cases[0]
+    assert c.reference == "Return the area of a w by h rectangle." and c.metric == "bleu"
+    assert c.prefix.endswith('def area(w, h):\n    """') and c.suffix.startswith('"""\n    return w * h')
+    report = evaluate(Completer(FakeEngine(completion='Return the area of a w by h rectangle."""')), cases,
+                      progress=False, name="docstrings")
+    assert report.rows[0].es == 1.0 and report.rows[0].text == "Return the area of a w by h rectangle."

@@ -16,7 +16,7 @@ from localcoder.config import Config
 from localcoder.engines.base import CancelToken
 from localcoder.engines.fake import FakeEngine
 from localcoder.errors import BackendUnavailable, InvalidRequest, ModelNotFound
-from localcoder.lsp import actions
+from localcoder import docstring
 from localcoder.lsp.backends import Completion, LocalBackend, http_error
 from localcoder.lsp.context import ContextBuilder, ContextOptions, uri_to_path
 from localcoder.lsp.documents import Document
@@ -91,21 +91,21 @@ SRC = '''class Shape:
 
 
 def test_find_function_innermost_with_multiline_signature():
-    fn = actions.find_function(SRC, 4)
+    fn = docstring.find_function(SRC, 4)
     assert (fn.name, fn.def_line, fn.body_line, fn.indent, fn.has_docstring) == ("area", 1, 3, "        ", False)
-    assert actions.find_function(SRC, 2).name == "area"  # inside the signature
-    assert actions.find_function(SRC, 8).has_docstring
-    assert actions.find_function(SRC, 0) is None
+    assert docstring.find_function(SRC, 2).name == "area"  # inside the signature
+    assert docstring.find_function(SRC, 8).has_docstring
+    assert docstring.find_function(SRC, 0) is None
 
 
 def test_docstring_request_puts_the_cursor_between_quotes():
-    fn = actions.find_function(SRC, 4)
-    req = actions.docstring_request(SRC, fn)
+    fn = docstring.find_function(SRC, 4)
+    req = docstring.docstring_request(SRC, fn)
     assert req.prefix.endswith('-> float:\n        """') and req.suffix.startswith('"""\n        w = self.w')
     assert req.mode == "multi" and '"""' in req.stop
-    assert actions.format_docstring("Area scaled.", "    ") == '    """Area scaled."""\n'
-    assert actions.format_docstring("Area.\n\n    Args: s", "    ") == '    """Area.\n\n    Args: s\n    """\n'
-    assert actions.format_docstring('  \n', "    ") is None
+    assert docstring.format_docstring("Area scaled.", "    ") == '    """Area scaled."""\n'
+    assert docstring.format_docstring("Area.\n\n    Args: s", "    ") == '    """Area.\n\n    Args: s\n    """\n'
+    assert docstring.format_docstring('  \n', "    ") is None
 
 
 # ---- scheduler: newest wins, cancelled work never starts -----------------------------------------

@@ -70,3 +70,10 @@ def test_trailing_whitespace_is_trimmed_on_every_line():
 def test_bracket_depth_ignores_brackets_inside_strings():
     assert bracket_depth("f('(', \")\")") == 0
     assert bracket_depth("a)") == -1
+
+
+def test_single_line_that_only_repeats_the_next_line_is_dropped():
+    r = StopRules("single", "def f(x):\n", "    return x\n")
+    assert r.check("    return x\n") == (0, "suffix")
+    assert r.check("    return x", final=True) == (0, "suffix")
+    assert r.check("    y = x\n") == (9, "line")
