@@ -2,7 +2,8 @@
 checked by the quality gate and loaded the way `localcoder serve` loads registered models.
 
 Budget: one GGUF q8_0 export (~1 min), one ONNX export + int8 quantization (the only 2.5 GB ONNX
-run of the suite, ~3-5 min on 2 busy cores), each gated on 8 HumanEval single-line tasks.
+run of the suite, ~3-5 min on 2 busy cores), each gated on 6 HumanEval single-line tasks
+(the source is evaluated once: the gate caches its results).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from localcoder.cli import main
 
 pytestmark = pytest.mark.integration
 
-GATE = ["--n-humaneval", "8", "--n-heldout", "0", "--calib-seqs", "2", "--threads", "2", "-q"]
+GATE = ["--n-humaneval", "6", "--n-heldout", "0", "--calib-seqs", "2", "--threads", "2", "-q"]
 FIB_PREFIX = "def fib(n):\n    if n < 2:\n        return n\n"
 FIB_SUFFIX = "\n\nprint(fib(10))\n"
 
@@ -35,6 +36,7 @@ def fim_completion(name: str) -> str:
     return res.text
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("to,qtype", [("gguf", "q8_0"), ("onnx", "int8")])
 def test_packaged_05b_exports_pass_the_gate_and_serve(model_05b_path, tmp_path, monkeypatch, to, qtype, capsys):
     from localcoder import models
@@ -49,7 +51,7 @@ def test_packaged_05b_exports_pass_the_gate_and_serve(model_05b_path, tmp_path, 
     art = report["artifacts"][0]
     assert rc == 0, art["reasons"]
     assert art["passed"] and art["top1"] >= 0.9 and art["kl"] < 0.1
-    assert art["es_drop"] <= 0.02 and report["source"]["n_cases"] == 8
+    assert art["es_drop"] <= 0.02 and report["source"]["n_cases"] == 6
     assert art["size_bytes"] < report["source"]["size_bytes"]
     assert art["decode_tok_s"] > 1 and art["bound_fraction"] > 0
     entry = models.resolve(name)

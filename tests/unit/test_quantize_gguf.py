@@ -49,6 +49,13 @@ def code_ids(qwen_tokenizer_dir) -> list[int]:
     return transformers.AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir)).encode(CODE)
 
 
+@pytest.fixture(scope="module")
+def tiny_ref(tiny_qwen_dir, code_ids, tmp_path_factory):
+    """(torch logits (T, V) of CODE, size of the F16 GGUF) for the tiny model, computed once."""
+    f16 = write_gguf(tiny_qwen_dir, tmp_path_factory.mktemp("ref") / "ref-f16.gguf", "f16", progress=False)
+    return torch_logits(tiny_qwen_dir, code_ids), f16.size
+
+
 def test_f16_round_trip_matches_torch_and_keeps_tokenizer(tiny_qwen_dir, tmp_path, code_ids):
     import gguf
     import llama_cpp
@@ -75,15 +82,14 @@ def test_f16_round_trip_matches_torch_and_keeps_tokenizer(tiny_qwen_dir, tmp_pat
 
 
 @pytest.mark.parametrize("gtype,min_top1", [("q8_0", 0.95), ("q6_k", 0.9), ("q5_k_m", 0.8), ("q4_k_m", 0.7)])
-def test_quantized_types_load_and_generate(tiny_qwen_dir, tmp_path, code_ids, gtype, min_top1):
+def test_quantized_types_load_and_generate(tiny_qwen_dir, tmp_path, code_ids, tiny_ref, gtype, min_top1):
     from localcoder.engines.base import GenerationRequest
     from localcoder.engines.llamacpp import LlamaCppEngine
 
     res = export_gguf(tiny_qwen_dir, tmp_path / f"tiny-{gtype}.gguf", gtype, progress=False)
-    f16 = tmp_path / "ref.gguf"
+    ref, f16_size = tiny_ref
     assert not list(tmp_path.glob(".*.f16-*.gguf"))  # intermediate removed
-    assert res.size < write_gguf(tiny_qwen_dir, f16, "f16", progress=False).size
-    ref = torch_logits(tiny_qwen_dir, code_ids)
+    assert res.size < f16_size
     got = llama_logits(res.path, code_ids)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= min_top1
     eng = LlamaCppEngine(res.path, n_ctx=256, n_threads=2)
