@@ -23,7 +23,7 @@ $(VENV)/.serve-deps: $(BIN)/python pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.serve-deps
-	$(PIP) -e '.[llama,train,onnx,dev]'
+	$(PIP) -e '.[llama,train,onnx,bench,dev]'
 	touch $@
 
 install: $(VENV)/.serve-deps
@@ -39,7 +39,7 @@ test: $(VENV)/.test-deps
 	bash tests/setup_tools.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.serve-deps
+bench: $(VENV)/.test-deps
 	$(BIN)/localcoder bench $(ARGS)
 
 lint:

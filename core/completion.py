@@ -115,16 +115,8 @@ class Completer:
         return ids, fitted.truncated
 
     def parse_raw_fim(self, text: str) -> tuple[str, str] | None:
-        """Split a prompt that already holds this format's PSM markers (what Continue sends with a
-        model template) into (prefix, suffix); None when it is not such a prompt."""
-        f = self.format
-        if not (text.startswith(f.prefix) and text.endswith(f.middle) and text.count(f.suffix) == 1):
-            return None
-        body = text[len(f.prefix): -len(f.middle)]
-        prefix, suffix = body.split(f.suffix)
-        if any(m in prefix + suffix for m in (f.prefix, f.middle)):
-            return None
-        return prefix, suffix
+        """Split a prompt that already holds this format's PSM markers into (prefix, suffix)."""
+        return self.format.split_psm(text)
 
     # ---- generation ----------------------------------------------------------------------------
     def stream(self, req: InfillRequest, cancel: CancelToken | None = None) -> CompletionStream:

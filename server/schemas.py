@@ -300,21 +300,12 @@ def _split_raw_fim(prompt: str, suffix: str, fmt: FimFormat) -> tuple[str, str]:
     markers are the special tokens, so we rebuild the same token sequence from its parts."""
     if suffix:
         raise InvalidRequest("send either a raw FIM prompt or a suffix, not both", param="suffix")
-    parsed = _parse_psm(prompt, fmt)
+    parsed = fmt.split_psm(prompt)
     if parsed is None:
         raise InvalidRequest(
             f"prompt contains FIM tokens but is not {fmt.prefix}prefix{fmt.suffix}suffix{fmt.middle}",
             param="prompt")
     return parsed
-
-
-def _parse_psm(text: str, fmt: FimFormat) -> tuple[str, str] | None:
-    if not (text.startswith(fmt.prefix) and text.endswith(fmt.middle) and text.count(fmt.suffix) == 1):
-        return None
-    prefix, suffix = text[len(fmt.prefix): -len(fmt.middle)].split(fmt.suffix)
-    if any(m in prefix + suffix for m in (fmt.prefix, fmt.middle)):
-        return None
-    return prefix, suffix
 
 
 def openai_finish_reason(stop_type: str) -> str:

@@ -78,6 +78,16 @@ class FimFormat:
             raise InvalidRequest(f"unknown FIM order {order!r} (psm or spm)", param="fim_order")
         return list(context_ids) + body
 
+    def split_psm(self, text: str) -> tuple[str, str] | None:
+        """(prefix, suffix) of a prompt written as text with this format's PSM markers (what Continue
+        sends with a model template); None when it is not exactly such a prompt."""
+        if not (text.startswith(self.prefix) and text.endswith(self.middle) and text.count(self.suffix) == 1):
+            return None
+        prefix, suffix = text[len(self.prefix): -len(self.middle)].split(self.suffix)
+        if any(m in prefix + suffix for m in (self.prefix, self.middle)):
+            return None
+        return prefix, suffix
+
     def context_prelude(self, tok: Tokenizer, snippets: Sequence[Snippet], path: str | None,
                         repo: str | None) -> list[int]:
         """Tokens for repository name, other files' snippets and the current file's path.
