@@ -204,3 +204,12 @@ def test_corrupt_checkpoint_falls_back_then_refuses_and_keeps_files(tiny_qwen_di
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     rc, err = run_cli(argv, capsys)  # no --resume over an existing run: refuse, do not overwrite
     assert rc == 2 and "--resume" in err
+
+
+def test_lora_mode_trains_adapters_and_merges_on_export(tiny_qwen_dir, corpus, tmp_path):
+    out = tmp_path / "lora"
+    train(cfg_of(flags(tiny_qwen_dir, corpus, out, tmp_path / "cache", steps=3, **{"lora-rank": 4})), progress=False)
+    w = weights(out)
+    init = load_file(str(out / "init" / "model.safetensors"))
+    assert not any("lora" in k for k in w) and w.keys() == init.keys()  # merged: a plain HF model again
+    assert any(not torch.equal(w[k], init[k]) for k in w if "layers" in k)
