@@ -33,7 +33,8 @@ def test_sandbox_limits():
 
 def test_metrics():
     assert metrics.exact_match("  return x  \n", "  return x") == 1.0
-    assert metrics.exact_match("return x", "  return x") == 0.0
+    assert metrics.exact_match("return x", "  return x") == 1.0
+    assert metrics.exact_match("if a:\n  b", "if a:\n    b") == 0.0
     assert metrics.edit_similarity("abcd", "abcd") == 1.0
     assert metrics.edit_similarity("abcd", "abxd") == pytest.approx(0.75)
     assert metrics.edit_similarity("", "abc") == 0.0
