@@ -178,6 +178,19 @@ def bnb_config(quantization: str, device: str):
                               bnb_4bit_use_double_quant=True)
 
 
+def _check_saved_quantization(path: Path, device: str) -> None:
+    """A directory saved with a bitsandbytes config (``localcoder quantize --to bnb``) loads on CUDA only."""
+    import json
+
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        return
+    q = json.loads(cfg_file.read_text(encoding="utf-8")).get("quantization_config") or {}
+    if q.get("quant_method") == "bitsandbytes" and device != "cuda":
+        raise BackendUnavailable(f"{path} is saved with a bitsandbytes 8-/4-bit config, which needs a CUDA GPU",
+                                 hint="serve the GGUF or ONNX export of this model on CPU")
+
+
 class TorchEngine:
     name = "torch"
 
@@ -193,6 +206,7 @@ class TorchEngine:
         try:
             tok = tokenizer or transformers.AutoTokenizer.from_pretrained(str(path))
             if model is None:
+                _check_saved_quantization(path, self.device)
                 qcfg = bnb_config(quantization, self.device)
                 dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
                 model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -98,3 +98,19 @@ def test_bitsandbytes_without_cuda_is_a_clear_error(tiny_qwen_dir):
 
     with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
         TorchEngine(tiny_qwen_dir, device="cpu", quantization="nf4")
+
+
+def test_a_bitsandbytes_saved_model_on_cpu_is_a_clear_error(tiny_qwen_dir, tmp_path):
+    import json
+    import shutil
+
+    from localcoder.engines.torch import TorchEngine
+    from localcoder.errors import BackendUnavailable
+
+    d = tmp_path / "bnb"
+    shutil.copytree(tiny_qwen_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
+        TorchEngine(d, device="cpu")
