@@ -1,6 +1,7 @@
 """Issue 2 numbers: llama.cpp engine prefill/decode tok/s and KV reuse after typing (PSM vs SPM), 2 threads.
 
 Run: .venv/bin/python docs/measure_engine.py   (needs `localcoder models pull qwen2.5-coder-0.5b`)
+"""
 import statistics, time, json, sys
 from pathlib import Path
 from localcoder import models
