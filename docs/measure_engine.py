@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python docs/measure_engine.py   (needs `localcoder models pull qwen2.5-coder-0.5b`)
 """
-import statistics, time, json, sys
+import json
+import statistics
 from pathlib import Path
 from localcoder import models
 from localcoder.engines.llamacpp import LlamaCppEngine
