@@ -238,18 +238,24 @@ def _detok(tok: Tokenizer, ids: list[int]) -> str:
     return b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", errors="ignore")
 
 
-def typing_cases(text: str, chars: int, before: int, after: int) -> list[Case]:
-    """Type ``chars`` characters of ``text`` (from a line start in its middle); one case per pause.
-
-    The editor window is anchored: it starts ``before`` lines above where typing began (a client
-    that keeps its window still while the user types) and ends ``after`` lines below the typed region.
-    """
+def typing_window(text: str, chars: int, before: int, after: int) -> tuple[str, str, str]:
+    """(anchor above the cursor, text to type, tail below) from a line start in the middle of ``text``."""
     lines = text.splitlines(keepends=True)
     start_line = len(lines) // 2
     anchor = "".join(lines[max(0, start_line - before): start_line])
     start = len("".join(lines[:start_line]))
     typed = text[start: start + chars]
     tail = "".join(text[start + chars:].splitlines(keepends=True)[:after])
+    return anchor, typed, tail
+
+
+def typing_cases(text: str, chars: int, before: int, after: int) -> list[Case]:
+    """Type ``chars`` characters of ``text`` (from a line start in its middle); one case per pause.
+
+    The editor window is anchored: it starts ``before`` lines above where typing began (a client
+    that keeps its window still while the user types) and ends ``after`` lines below the typed region.
+    """
+    anchor, typed, tail = typing_window(text, chars, before, after)
     cases = []
     for i in range(1, len(typed) + 1):
         if typed[i - 1] in WORD_END or i == len(typed):

@@ -44,14 +44,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def window(text: str, before: int = 48, after: int = 24, chars: int = 120) -> tuple[str, str, str]:
-    """(anchor above the cursor, text to type, tail below): bench.typing_cases' editor window."""
-    lines = text.splitlines(keepends=True)
-    start_line = len(lines) // 2
-    anchor = "".join(lines[max(0, start_line - before): start_line])
-    start = len("".join(lines[:start_line]))
-    typed = text[start: start + chars]
-    tail = "".join(text[start + chars:].splitlines(keepends=True)[:after])
-    return anchor, typed, tail
+    """(anchor above the cursor, text to type, tail below): the same editor window as `localcoder bench`."""
+    from localcoder.bench import typing_window
+
+    return typing_window(text, chars, before, after)
 
 
 async def run(cmd: list[str], source: str, chars: int, settings: dict[str, Any],

@@ -16,6 +16,7 @@ cursor *region* and only recomputed when another document changes or the cursor 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urlparse
@@ -65,14 +66,7 @@ def _lines_around(text: str, start: int, end: int, pad: int) -> tuple[int, int, 
 
 
 def _line_of(starts: list[int], offset: int) -> int:
-    lo, hi = 0, len(starts)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if offset < starts[mid]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return max(0, lo - 1)
+    return max(0, bisect_right(starts, offset) - 1)
 
 
 def edit_snippets(docs: list[Document], opts: ContextOptions, root_uri: str | None) -> list[tuple[float, Snippet, str, int, int]]:

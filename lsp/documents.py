@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
@@ -125,7 +126,7 @@ class Document:
     def position_at(self, offset: int) -> tuple[int, int]:
         """(line, character in code units) of a code-point offset."""
         offset = max(0, min(offset, len(self.text)))
-        line = _bisect_right(self._starts, offset) - 1
+        line = bisect_right(self._starts, offset) - 1
         # An offset between \r and \n belongs to the end of that line.
         line_text = self.line(line)
         col = min(offset - self._starts[line], len(line_text))
@@ -156,17 +157,6 @@ class Document:
 
     def split(self, offset: int) -> tuple[str, str]:
         return self.text[:offset], self.text[offset:]
-
-
-def _bisect_right(a: list[int], x: int) -> int:
-    lo, hi = 0, len(a)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if x < a[mid]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 class DocumentStore:
