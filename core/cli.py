@@ -61,17 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def not_implemented(command: str, issue: str):
-    """run() for a subcommand whose feature has not landed yet."""
-
-    def run(args: argparse.Namespace) -> int:
-        from localcoder.errors import NotImplementedYet
-
-        raise NotImplementedYet(f"`localcoder {command}` is not implemented yet ({issue})")
-
-    return run
-
-
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Model/engine flags shared by every subcommand that loads a model (defaults from Config)."""
     g = p.add_argument_group("model")

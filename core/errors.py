@@ -55,10 +55,6 @@ class BackendUnavailable(LocalcoderError):
     kind = "backend_unavailable"
 
 
-class NotImplementedYet(LocalcoderError):
-    kind = "not_implemented"
-
-
 class Cancelled(LocalcoderError):
     kind = "cancelled"
 

@@ -21,7 +21,6 @@ from localcoder.errors import (
     ModelCorrupt,
     ModelNotFound,
     NotFimCapable,
-    NotImplementedYet,
     QueueFull,
     Unauthorized,
 )
@@ -61,7 +60,6 @@ STATUS: list[tuple[type[LocalcoderError], int]] = [
     (Cancelled, 409),
     (QueueFull, 429),
     (NotFimCapable, 501),
-    (NotImplementedYet, 501),
     (NotReady, 503),
     (BackendUnavailable, 503),
     (ModelCorrupt, 500),
