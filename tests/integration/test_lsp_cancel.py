@@ -42,9 +42,19 @@ async def tokens_settle(client: LanguageClient) -> tuple[dict, int]:
     return s2, s2["engine_tokens_generated"] - s1["engine_tokens_generated"]
 
 
+async def ready_stats(client: LanguageClient) -> dict:
+    """Stats once the backend has loaded (it loads in the background after `initialized`)."""
+    for _ in range(100):
+        s = await request(client, "localcoder/stats", {})
+        if "engine_tokens_generated" in s:
+            return s
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the backend never became ready: {s}")
+
+
 async def test_storm_of_50_requests_only_the_last_answers(client: LanguageClient):
     open_doc(client, URI, "import os\n")
-    before = await request(client, "localcoder/stats", {})
+    before = await ready_stats(client)
     tasks = []
     for i in range(50):  # a person typing very fast: each keystroke's request supersedes the last
         client.text_document_did_change(types.DidChangeTextDocumentParams(
