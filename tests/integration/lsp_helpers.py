@@ -89,3 +89,15 @@ async def raw_request(client, method: str, params: Any, timeout: float = 10.0) -
     client.protocol._request_futures[msg_id] = fut
     client.protocol._send_data({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
     return plain(await asyncio.wait_for(asyncio.wrap_future(fut), timeout))
+
+
+async def ready_stats(client) -> dict:
+    """`localcoder/stats` once the backend has loaded (it loads in the background after `initialized`)."""
+    import asyncio
+
+    for _ in range(100):
+        s = await request(client, "localcoder/stats", {})
+        if "engine" in s:
+            return s
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the backend never became ready: {s}")

@@ -16,7 +16,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from lsp_helpers import fake_server, inline_params, init_params, open_doc, request, server_env
+from lsp_helpers import fake_server, inline_params, init_params, open_doc, ready_stats, request, server_env
 
 LONG = "x = 1  # " + "y" * 300 + "\n"
 URI = "file:///work/proj/storm.py"
@@ -40,16 +40,6 @@ async def tokens_settle(client: LanguageClient) -> tuple[dict, int]:
     await asyncio.sleep(0.4)
     s2 = await request(client, "localcoder/stats", {})
     return s2, s2["engine_tokens_generated"] - s1["engine_tokens_generated"]
-
-
-async def ready_stats(client: LanguageClient) -> dict:
-    """Stats once the backend has loaded (it loads in the background after `initialized`)."""
-    for _ in range(100):
-        s = await request(client, "localcoder/stats", {})
-        if "engine_tokens_generated" in s:
-            return s
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the backend never became ready: {s}")
 
 
 async def test_storm_of_50_requests_only_the_last_answers(client: LanguageClient):

@@ -11,7 +11,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from lsp_helpers import (edit, fake_server, inline_params, init_params, open_doc, raw_request, request,
+from lsp_helpers import (edit, fake_server, inline_params, init_params, open_doc, raw_request, ready_stats,
                          server_env)
 
 CONFIG_HOME = tempfile.mkdtemp(prefix="lc-lsp-cfg-")
@@ -28,7 +28,7 @@ async def client(lsp_client: LanguageClient):
 
 
 async def stats(client: LanguageClient) -> dict:
-    return await request(client, "localcoder/stats", {})
+    return await ready_stats(client)
 
 
 async def test_stats_reports_the_engine_and_no_heavy_imports(client: LanguageClient):
