@@ -62,6 +62,26 @@ def _cut(text: str, mode: str) -> str:
     return text if end < 0 else text[: end + 1]
 
 
+def _newline_mask(tok, vocab_size: int) -> torch.Tensor:
+    """(V,) bool: the token's bytes contain a newline."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(min(vocab_size, len(tok.tok))):
+        mask[i] = b"\n" in tok.token_bytes(i)
+    return mask
+
+
+def _newline_stop(mask: torch.Tensor, start: int):
+    """A StoppingCriteria that ends a row once it has produced a newline (single-line cases are cut at the
+    first newline anyway; stopping there saves the remaining batched decode steps)."""
+    from transformers import StoppingCriteria
+
+    class NewlineStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # -> (B,) bool: this row is done
+            return mask[input_ids[:, start:].cpu()].any(-1).to(input_ids.device)
+
+    return NewlineStop()
+
+
 @dataclass
 class FimResult:
     texts: list[str]
@@ -81,6 +101,7 @@ def fim_generate(model, tok, fmt, cases: Sequence, *, order: str = "psm", max_pr
     pad = sorted(stop)[0]
     t0 = time.perf_counter()
     texts: list[str] = []
+    nl_mask = _newline_mask(tok, model.config.vocab_size) if any(c.mode == "single" for c in cases) else None
     for i in range(0, len(cases), batch_size):
         batch = cases[i: i + batch_size]
         prompts = [fmt.build(tok, tok.tokenize(c.prefix)[-max_prefix_tokens:],
@@ -91,8 +112,11 @@ def fim_generate(model, tok, fmt, cases: Sequence, *, order: str = "psm", max_pr
         for r, p in enumerate(prompts):  # left padding: every prompt ends at the same column
             ids[r, width - len(p):] = torch.tensor(p)
             attn[r, width - len(p):] = 1
+        extra = {}
+        if all(c.mode == "single" for c in batch):
+            extra["stopping_criteria"] = [_newline_stop(nl_mask, width)]
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new,
-                             do_sample=False, eos_token_id=sorted(stop), pad_token_id=pad)
+                             do_sample=False, eos_token_id=sorted(stop), pad_token_id=pad, **extra)
         for r, c in enumerate(batch):
             new = []
             for t in gen[r, width:].tolist():

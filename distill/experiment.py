@@ -52,11 +52,38 @@ def score(args) -> int:
         h = evaluate.fim_generate(model, tok, fmt, tasks, order=args.order, batch_size=args.batch_size, **budget)
         res["humaneval"] = {"ids": [c.id for c in tasks], "es": h.es, "em": h.em, "texts": h.texts, "seconds": h.seconds}
         print(f"[{args.name}] humaneval n={len(tasks)} ES={sum(h.es) / len(h.es):.4f}", file=sys.stderr)
-    res["speed"] = evaluate.speed(model, repeats=2)
+    if not args.no_speed:
+        res["speed"] = evaluate.speed(model, repeats=2)
     res["seconds"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(res))
+    return 0
+
+
+def speed(args) -> int:
+    """Prefill/decode tok/s of the scored models measured in one process, interleaved (round-robin over
+    ``--repeats`` rounds, best of each), so the ratios between models share the machine's state."""
+    import torch
+
+    from localcoder.distill import evaluate
+    from localcoder.distill.students import load_causal_lm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    runs = {n: json.loads((out / f"{n}.json").read_text()) for n in args.name}
+    models = {n: load_causal_lm(r["model"])[0].eval() for n, r in runs.items()}
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(args.repeats):
+        for n, m in models.items():
+            s = evaluate.speed(m, prompt_len=args.prompt, decode=args.decode)
+            b = best.setdefault(n, s)
+            best[n] = {k: max(b[k], s[k]) for k in s}
+    for n, r in runs.items():
+        r["speed"] = best[n] | {"threads": torch.get_num_threads(), "prompt": args.prompt, "decode": args.decode}
+        (out / f"{n}.json").write_text(json.dumps(r))
+        print(f"{n}: prefill {best[n]['prefill_tok_s']:.1f} tok/s, decode {best[n]['decode_tok_s']:.2f} tok/s")
     return 0
 
 
@@ -70,15 +97,19 @@ def combine(args) -> int:
     out = Path(args.out)
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem != "summary"}
     teacher_es = _mean(runs[args.teacher]["heldout"]["es"]) if args.teacher in runs else None
+    t_speed = runs.get(args.teacher, {}).get("speed", {})
     lines = ["| model | layers | held-out ES | held-out EM | HumanEval-1L ES | HumanEval-1L EM | prefill tok/s | "
-             "decode tok/s | % teacher ES |", "|---|---|---|---|---|---|---|---|---|"]
+             "decode tok/s | decode × teacher | % teacher ES |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         es = _mean(r["heldout"]["es"])
         he = r.get("humaneval", {})
+        sp = r.get("speed", {})
         frac = f"{100 * es / teacher_es:.0f}%" if teacher_es else ""
+        ratio = f"{sp['decode_tok_s'] / t_speed['decode_tok_s']:.2f}" if sp and t_speed else ""
         lines.append(f"| {name} | {r['layers']} | {es:.4f} | {_mean(r['heldout']['em']):.4f} | "
                      f"{_mean(he.get('es', [])):.4f} | {_mean(he.get('em', [])):.4f} | "
-                     f"{r['speed']['prefill_tok_s']:.0f} | {r['speed']['decode_tok_s']:.1f} | {frac} |")
+                     f"{sp.get('prefill_tok_s', float('nan')):.0f} | {sp.get('decode_tok_s', float('nan')):.1f} | "
+                     f"{ratio} | {frac} |")
     lines.append("")
     for b in args.b:
         for split in ("heldout", "humaneval"):
@@ -110,13 +141,21 @@ def main(argv=None) -> int:
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--prefix-tokens", type=int, default=192)
     s.add_argument("--suffix-tokens", type=int, default=64)
+    s.add_argument("--no-speed", action="store_true", help="skip speed (measure it later with `speed`, idle)")
+    v = sub.add_parser("speed")
+    v.add_argument("--out", required=True)
+    v.add_argument("--name", action="append", required=True)
+    v.add_argument("--threads", type=int, default=0)
+    v.add_argument("--repeats", type=int, default=3)
+    v.add_argument("--prompt", type=int, default=256)
+    v.add_argument("--decode", type=int, default=32)
     c = sub.add_parser("combine")
     c.add_argument("--out", required=True)
     c.add_argument("--a", required=True)
     c.add_argument("--b", action="append", default=[])
     c.add_argument("--teacher", default="teacher")
     args = ap.parse_args(argv)
-    return score(args) if args.cmd == "score" else combine(args)
+    return {"score": score, "speed": speed, "combine": combine}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""The acceptance experiment's scoring tools on the tiny random Qwen2 fixture: batched FIM generation with the
+single-line early stop, `experiment score` / `speed` / `combine` end to end (same cases for every model,
+paired bootstrap lines, speed ratios)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+
+def _tok(model_dir):
+    from transformers import AutoTokenizer
+
+    from localcoder.engines.torch import HFTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(model_dir)))
+
+
+def test_newline_stop_marks_rows_that_produced_a_newline(tiny_qwen_dir):
+    import torch
+
+    from localcoder.distill.evaluate import _newline_mask, _newline_stop
+
+    tok = _tok(tiny_qwen_dir)
+    mask = _newline_mask(tok, 151936)
+    nl = tok.tokenize("\n")[0]
+    word = tok.tokenize("return")[0]
+    assert bool(mask[nl]) and not bool(mask[word])
+    assert bool(mask[tok.tokenize("):\n")[-1]])  # merged pieces that end in a newline count too
+    stop = _newline_stop(mask, start=2)
+    ids = torch.tensor([[nl, nl, word, word],  # newlines only inside the prompt: not done
+                        [word, word, word, nl]])  # produced a newline: done
+    assert stop(ids, None).tolist() == [False, True]
+
+
+def test_score_speed_combine_end_to_end(tiny_qwen_dir, tmp_path):
+    from localcoder.distill import experiment
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    y = x * {j} + {i}\n    return y\n\n"
+                                              for j in range(12)))
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"test": [str(p) for p in sorted(src.glob("*.py"))]}))
+    out = tmp_path / "eval"
+    common = ["--splits", str(splits), "--out", str(out), "--n", "6", "--threads", "1", "--prefix-tokens", "32",
+              "--suffix-tokens", "8", "--batch-size", "4", "--no-speed"]
+    for name in ("teacher", "student"):
+        assert experiment.main(["score", "--name", name, "--model", str(tiny_qwen_dir), *common]) == 0
+    a, b = (json.loads((out / f"{n}.json").read_text()) for n in ("teacher", "student"))
+    assert a["heldout"]["ids"] == b["heldout"]["ids"] and len(a["heldout"]["es"]) == 6
+    assert a["layers"] == 4 and "speed" not in a
+    # the same weights give the same greedy completions
+    assert a["heldout"]["texts"] == b["heldout"]["texts"]
+    assert experiment.main(["speed", "--out", str(out), "--name", "teacher", "--name", "student", "--repeats", "1",
+                            "--prompt", "16", "--decode", "4", "--threads", "1"]) == 0
+    assert json.loads((out / "student.json").read_text())["speed"]["decode_tok_s"] > 0
+    assert experiment.main(["combine", "--out", str(out), "--a", "student", "--b", "teacher"]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "| student | 4 |" in summary and "100%" in summary
+    assert "heldout ES student − teacher: +0.0000" in summary  # identical models: a zero difference
