@@ -3,7 +3,7 @@
     localcoder distill --teacher qwen2.5-coder-0.5b --student-layers 12 --data ~/src/myrepo --out runs/s12 \\
         --preset laptop
     localcoder distill --config distill.toml --resume
-    torchrun --nproc_per_node 2 -m localcoder.distill.cli ...     (DDP; gloo on CPU)
+    torchrun --nproc_per_node 2 -m localcoder.distill.cli ... [--parallel fsdp]   (DDP or FSDP2; gloo on CPU)
 """
 
 from __future__ import annotations
@@ -30,18 +30,29 @@ _HELP = {
 }
 
 
+def _field_comments() -> dict[str, str]:
+    """The ``# comment`` after each DistillConfig field (config.py documents every field once, there)."""
+    import inspect
+    import re
+
+    src = inspect.getsource(DistillConfig)
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", src, re.M)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a machine class")
     p.add_argument("--config", help="TOML file with the same keys (optionally under [distill])")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     hints = typing.get_type_hints(DistillConfig)
+    comments = _field_comments()
     for f in dataclasses.fields(DistillConfig):
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
-        help_text = _HELP.get(f.name, f.name.replace("_", " "))
+        help_text = _HELP.get(f.name) or comments.get(f.name) or f.name.replace("_", " ")
+        help_text = help_text.replace("%", "%%")
         if typ is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(typ) is list:

@@ -66,6 +66,7 @@ class DistillConfig:
     seed: int = 0
     threads: int = 0  # CPU threads (0 = torch default)
     device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2: student and teacher sharded across ranks)
     memory_limit_gb: float = 0.0  # 0 = what the machine has available now
     # ---- validation, checkpoints, output
     val_every: int = 50
@@ -97,6 +98,10 @@ class DistillConfig:
             bad("temperature", f"temperature must be > 0, got {self.temperature}")
         if self.student_layers < 1:
             bad("student_layers", f"--student-layers must be >= 1, got {self.student_layers}")
+        if self.parallel not in ("ddp", "fsdp"):
+            bad("parallel", f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel == "fsdp" and (self.lora_rank or self.onpolicy_steps):
+            bad("parallel", "--parallel fsdp does not combine with --lora-rank or --onpolicy-steps; use ddp")
         if self.onpolicy_steps and self.fim_order != self.teacher_order:
             bad("onpolicy_steps", "the on-policy phase needs the same FIM order for teacher and student")
 

@@ -55,11 +55,13 @@ class TopKCache:
 
     @torch.inference_mode()
     def fill(self, teacher, teacher_ids: np.ndarray, rows: Sequence[int], *, batch_size: int = 4,
-             progress: bool = True, desc: str = "teacher top-k") -> int:
-        """Run the teacher over the rows not yet stored; returns how many rows were computed."""
+             progress: bool = True, desc: str = "teacher top-k", lockstep: bool = False, write: bool = True) -> int:
+        """Run the teacher over the rows not yet stored; returns how many rows were computed.
+        ``lockstep`` (a sharded FSDP teacher: every rank must run the same forwards): ``rows`` is the agreed
+        to-do list, computed as given; only the ranks with ``write`` store the results."""
         from tqdm import tqdm
 
-        todo = self.missing(rows)
+        todo = list(rows) if lockstep else self.missing(rows)
         device = next(teacher.parameters()).device
         with tqdm(total=len(todo), desc=desc, unit="row", disable=not progress, dynamic_ncols=True) as bar:
             for i in range(0, len(todo), batch_size):
@@ -68,6 +70,9 @@ class TopKCache:
                 logits = teacher(input_ids=ids, use_cache=False).logits.float()  # (b, L, V)
                 vals, idx = logits.topk(self.k, dim=-1)  # (b, L, K)
                 lse = torch.logsumexp(logits, -1)  # (b, L)
+                if not write:
+                    bar.update(len(chunk))
+                    continue
                 self.arrays["vals"][chunk] = vals.cpu().numpy().astype(np.float16)
                 self.arrays["idx"][chunk] = idx.cpu().numpy().astype(np.int32)
                 self.arrays["lse"][chunk] = lse.cpu().numpy()

@@ -63,6 +63,31 @@ def init_distributed(device: str) -> Dist:
     return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def shard_fsdp(model) -> None:
+    """FSDP2: every decoder block is its own unit (gathered just in time, resharded after), then the root
+    (embeddings, final norm, lm_head). Frozen parameters are sharded too; they just get no gradient."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _full_state(model, opt=None):
+    """Full (unsharded) model and optimizer state dicts of an FSDP model on rank 0, CPU ({} elsewhere).
+    A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=o), (get_optimizer_state_dict(model, opt, options=o) if opt else None)
+
+
 # ---- run state ---------------------------------------------------------------------------------------------------
 @dataclass
 class RunState:
@@ -192,11 +217,15 @@ def teacher_dir(spec: str) -> tuple[Path, str]:
 
 
 def estimate_memory_gb(cfg: DistillConfig, teacher_params: int, student_params: int, trainable: int,
-                       hidden: int, vocab: int, n_layers: int, teacher_resident: bool) -> float:
-    """Peak bytes, roughly: weights + grads + AdamW states + activations + (B, L, V) logit tensors."""
-    tokens = cfg.batch_size * cfg.seq_len
-    weights = 4 * (student_params + (teacher_params if teacher_resident else 0))
-    optim = 4 * 3 * trainable
+                       hidden: int, vocab: int, n_layers: int, teacher_resident: bool, world: int = 1,
+                       sharded: bool = False) -> float:
+    """Peak bytes of one process, roughly: weights + grads + AdamW states + activations + (B, L, V) logit
+    tensors. With ``world`` processes each takes batch/world rows; FSDP (``sharded``) also divides the
+    weights and optimizer states (plus one gathered block)."""
+    tokens = -(-cfg.batch_size // world) * cfg.seq_len
+    shard = world if sharded else 1
+    weights = 4 * (student_params + (teacher_params if teacher_resident else 0)) / shard
+    optim = 4 * 3 * trainable / shard
     per_layer = (2 if cfg.grad_checkpointing else 24) * hidden * 4
     acts = tokens * n_layers * per_layer
     logit_copies = 4 + (2 if cfg.teacher_mode == "online" and cfg.loss != "ce" else 0)
@@ -260,16 +289,30 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, model, opt, st: RunState, keep: int) -> Path:
+def checkpoint_blob(model, opt) -> dict | None:
+    """What a checkpoint holds. FSDP: gathered to full tensors (a collective; None on ranks other than 0), the
+    optimizer state keyed by parameter name, so a checkpoint does not depend on how it was sharded."""
+    if is_fsdp(model):
+        full, optim = _full_state(model, opt)
+        if torch.distributed.get_rank() != 0:
+            return None
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {"model": {n: t for n, t in full.items() if n in names}, "optim": optim, "rng": rng_state(),
+                "fsdp": True}
+    return {"model": trainable_state(model), "optim": opt.state_dict(), "rng": rng_state()}
+
+
+def save_checkpoint(out: Path, model, opt, st: RunState, keep: int, blob: dict | None = None) -> Path:
     """Write to a temporary directory, fsync, rename, then move the ``latest`` pointer; older
-    checkpoints are pruned only after the new one is complete (kill -9 never loses the last good one)."""
+    checkpoints are pruned only after the new one is complete (kill -9 never loses the last good one).
+    ``blob``: from checkpoint_blob (pass it for FSDP, where gathering it is a collective)."""
     root = out / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{st.step:07d}"
     tmp = root / f".tmp-step-{st.step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save({"model": trainable_state(model), "optim": opt.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+    torch.save(blob if blob is not None else checkpoint_blob(model, opt), tmp / "state.pt")
     state = {k: v for k, v in st.__dict__.items()}
     (tmp / "run.json").write_text(json.dumps(state))
     for f in tmp.iterdir():
@@ -303,10 +346,21 @@ def load_checkpoint(out: Path, model, opt) -> RunState | None:
             missing = [n for n in named if named[n].requires_grad and n not in blob["model"]]
             if missing or any(n not in named or named[n].shape != t.shape for n, t in blob["model"].items()):
                 raise ValueError(f"parameters do not match this student ({len(missing)} missing)")
-            with torch.no_grad():
-                for n, t in blob["model"].items():
-                    named[n].copy_(t)
-            opt.load_state_dict(blob["optim"])
+            if bool(blob.get("fsdp")) != is_fsdp(model):
+                raise ValueError("written by a " + ("--parallel fsdp" if blob.get("fsdp") else "non-FSDP") +
+                                 " run; resume with the same --parallel")
+            if is_fsdp(model):  # every rank read the full file; each keeps its shard
+                from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                     set_optimizer_state_dict)
+
+                o = StateDictOptions(full_state_dict=True, strict=False)
+                set_model_state_dict(model, blob["model"], options=o)
+                set_optimizer_state_dict(model, opt, blob["optim"], options=o)
+            else:
+                with torch.no_grad():
+                    for n, t in blob["model"].items():
+                        named[n].copy_(t)
+                opt.load_state_dict(blob["optim"])
             set_rng_state(blob["rng"])
         except Exception as exc:  # torn/garbled file: any loader error means "not usable"
             problems.append(f"{ck.name}: {type(exc).__name__}: {str(exc)[:120]}")
@@ -377,29 +431,41 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
     if cfg.lora_rank:
         student = _with_lora(student, cfg.lora_rank)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    fsdp = dist.world > 1 and cfg.parallel == "fsdp"
     need = estimate_memory_gb(cfg, students.count_params(teacher), students.count_params(student), trainable,
                               student.config.hidden_size, student.config.vocab_size,
-                              student.config.num_hidden_layers, teacher_resident=True)
-    check_memory(cfg, need, device)
+                              student.config.num_hidden_layers, teacher_resident=True, world=dist.world,
+                              sharded=fsdp)
+    # on CPU every local rank shares this host's memory; on CUDA each has its own device
+    check_memory(cfg, need * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1), device)
     log(f"student: {init.method}, layers {init.layers_kept}, {students.count_params(student) / 1e6:.0f}M params "
         f"({trainable / 1e6:.0f}M trainable); teacher {tname}: {students.count_params(teacher) / 1e6:.0f}M; "
-        f"memory estimate {need:.1f} GiB", dist)
-    teacher.to(device)
-    student.to(device)
+        f"memory estimate {need:.1f} GiB per process" + (f", {dist.world} processes ({cfg.parallel})"
+                                                          if dist.world > 1 else ""), dist)
     if cfg.grad_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
+    if fsdp:  # fully_shard moves each rank's shards to the mesh's device: no rank ever holds a whole model there
+        if cfg.batch_size % dist.world:
+            raise InvalidRequest(f"--parallel fsdp needs --batch-size divisible by the {dist.world} processes "
+                                 f"(every rank runs the same number of forwards), got {cfg.batch_size}",
+                                 param="batch_size")
+        shard_fsdp(teacher)
+        shard_fsdp(student)
+    else:
+        teacher.to(device)
+        student.to(device)
 
     # teacher targets for every row this schedule will read (+ validation rows)
     per_step = cfg.batch_size * cfg.grad_accum
     cache = val_cache = None
     if cfg.teacher_mode == "cached":
         cache, val_cache = _fill_teacher_cache(cfg, teacher, data, tok, tname, cache_dir, dist, progress)
-        teacher.to("cpu")
-        teacher = teacher.to(device) if cfg.onpolicy_steps else None  # not needed in the loop any more
+        if not cfg.onpolicy_steps:  # not needed in the loop any more (on-policy excludes FSDP, see config)
+            teacher = None
 
     model = student
-    if dist.world > 1:
+    if dist.world > 1 and not fsdp:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dist.local_rank] if device == "cuda" else None)
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -450,19 +516,24 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
         if st.step % cfg.val_every == 0:
             _validate(cfg, student, val_rows, val_cache, teacher, data, tok, fmt, st, metrics_file, dist)
             st.stopped = _agree_on_stop(st.stopped, dist)
-        if st.step % cfg.ckpt_every == 0 and dist.main:
-            save_checkpoint(out, student, opt, st, cfg.keep_checkpoints)
+        if st.step % cfg.ckpt_every == 0:
+            _checkpoint(out, student, opt, st, cfg, dist)
         dist.barrier()
     bar.close()
     if cfg.onpolicy_steps and teacher is not None:
         _onpolicy_phase(cfg, student, teacher, opt, data.train, st, tok, fmt, device, metrics_file, dist)
     _validate(cfg, student, val_rows, val_cache, teacher, data, tok, fmt, st, metrics_file, dist, final=True)
-    if dist.main:
-        save_checkpoint(out, student, opt, st, cfg.keep_checkpoints)
+    _checkpoint(out, student, opt, st, cfg, dist)
     result = _export(cfg, student, s_tok, init, data, tname, st, out, dist)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return result
+
+
+def _checkpoint(out: Path, student, opt, st: RunState, cfg: DistillConfig, dist: Dist) -> None:
+    blob = checkpoint_blob(student, opt) if is_fsdp(student) else None  # FSDP: every rank joins the gather
+    if dist.main:
+        save_checkpoint(out, student, opt, st, cfg.keep_checkpoints, blob=blob)
 
 
 def _fill_teacher_cache(cfg, teacher, data: Data, tok, tname, cache_dir: Path, dist: Dist, progress: bool):
@@ -478,7 +549,17 @@ def _fill_teacher_cache(cfg, teacher, data: Data, tok, tname, cache_dir: Path, d
     train_cache = TopKCache(base / "train", len(data.train), cfg.seq_len, cfg.top_k) if cfg.loss != "ce" else None
     if dist.main:
         dist.barrier()
-    val_cache.fill(teacher, data.val.teacher_ids, list(range(n_val))[dist.rank::dist.world], progress=False)
+    lockstep = is_fsdp(teacher)  # a sharded teacher: all ranks run the same rows, rank 0 stores them
+
+    def share(cache: TopKCache, rows: list[int]) -> list[int]:
+        if not lockstep:
+            return rows[dist.rank::dist.world]
+        todo = [cache.missing(rows) if dist.main else None]
+        torch.distributed.broadcast_object_list(todo, 0)
+        return todo[0]
+
+    kw = dict(lockstep=lockstep, write=dist.main or not lockstep)
+    val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
     cache = None
     if cfg.loss != "ce":
         per_step = cfg.batch_size * cfg.grad_accum
@@ -487,8 +568,8 @@ def _fill_teacher_cache(cfg, teacher, data: Data, tok, tname, cache_dir: Path, d
             {r for s in range(cfg.steps) for r in rows_for_step(s, n, per_step, cfg.seed)})
         cache = train_cache
         t0 = time.perf_counter()
-        done = cache.fill(teacher, data.train.teacher_ids, needed[dist.rank::dist.world],
-                          progress=progress and dist.main)
+        done = cache.fill(teacher, data.train.teacher_ids, share(cache, needed), progress=progress and dist.main,
+                          **kw)
         log(f"teacher top-{cfg.top_k}: {done} rows computed, {len(needed) - done} reused "
             f"({time.perf_counter() - t0:.0f} s)", dist)
     dist.barrier()
@@ -519,7 +600,11 @@ def _optimizer_step(cfg, model, student, opt, train: Packed, rows, cache, teache
         mask = torch.as_tensor(b.loss_mask if cfg.loss_positions == "all" else b.mid_mask, device=device).float()
         mask[:, -1] = 0  # the last position's target is outside the row
         sync = i == len(micro) - 1
-        ctx = model.no_sync() if (dist.world > 1 and not sync) else nullcontext()
+        ctx = nullcontext()
+        if is_fsdp(model):
+            model.set_requires_gradient_sync(sync)
+        elif dist.world > 1 and not sync:
+            ctx = model.no_sync()
         with ctx, autocast:
             logits = model(input_ids=s_ids, use_cache=False).logits  # (b, L, V)
             s_lp = t_lp = s_all = None
@@ -555,8 +640,8 @@ def _optimizer_step(cfg, model, student, opt, train: Packed, rows, cache, teache
 
 def _validate(cfg, student, val_rows, val_cache, teacher, data: Data, tok, fmt, st: RunState, metrics_file, dist,
               final: bool = False) -> None:
-    if not dist.main:
-        return
+    if not dist.main and not is_fsdp(student):
+        return  # FSDP: every rank runs the same validation forwards (gathers are collectives); rank 0 records
     student.eval()
     ids = list(range(len(val_rows)))
     m = evaluate.token_metrics(student, val_rows, teacher=teacher if val_cache is None and cfg.loss != "ce" else None,
@@ -568,6 +653,8 @@ def _validate(cfg, student, val_rows, val_cache, teacher, data: Data, tok, fmt, 
         r = evaluate.fim_generate(student, tok, fmt, cases, order=cfg.fim_order)
         m |= {"fim_em": float(np.mean(r.em)), "fim_es": float(np.mean(r.es))}
     student.train()
+    if not dist.main:
+        return
     rec = {"step": st.step, "split": "val", "final": final} | {k: round(v, 5) if isinstance(v, float) else v
                                                                  for k, v in m.items()}
     _append(metrics_file, rec, dist)
@@ -643,8 +730,12 @@ def _export(cfg, student, tok, init, data: Data, tname: str, st: RunState, out: 
         "metrics": st.history[-1] if st.history else {}, "config": cfg.to_dict(),
         "fim": {"format": "auto", "order": cfg.fim_order},
     }
+    full = _full_state(student)[0] if is_fsdp(student) else None  # a collective
     if dist.main:
         export_model = student.merge_and_unload() if cfg.lora_rank else student
+        if full is not None:  # an unsharded copy of the student class, loaded with the gathered weights
+            export_model = students.load_causal_lm(out / "init")[0]
+            export_model.load_state_dict(full)
         tmp = out / f".model.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         export_model.save_pretrained(str(tmp), safe_serialization=True)

@@ -110,17 +110,25 @@ def test_kill_9_then_resume_is_bit_exact(tiny_qwen_dir, corpus, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ddp_two_gloo_processes_match_one(tiny_qwen_dir, corpus, tmp_path):
+def _torchrun(flag_list: list[str]) -> None:
     from tests.conftest import free_port
 
-    kw = dict(steps=3, **{"batch-size": 4, "ckpt-every": 3, "val-every": 3})
+    argv = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "localcoder.distill.cli", *flag_list]
+    proc = subprocess.run(argv, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one(parallel, tiny_qwen_dir, corpus, tmp_path):
+    """torchrun with 2 CPU processes (gloo): DDP replicas, or FSDP2 with student and teacher sharded (the
+    teacher cache then filled in lockstep); the weights and losses equal a single process's."""
+    kw = dict(steps=4, **{"batch-size": 4, "ckpt-every": 2, "val-every": 2})
     one = tmp_path / "one"
     train(cfg_of(flags(tiny_qwen_dir, corpus, one, tmp_path / "cache", **kw)), progress=False)
     two = tmp_path / "two"
-    argv = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "-m", "localcoder.distill.cli", *flags(tiny_qwen_dir, corpus, two, tmp_path / "cache", **kw)]
-    proc = subprocess.run(argv, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_flags = flags(tiny_qwen_dir, corpus, two, tmp_path / f"cache-{parallel}", parallel=parallel, **kw)
+    _torchrun(two_flags)
     a, b = weights(one), weights(two)
     changed = [k for k in a if "layers" in k and not torch.equal(a[k], load_file(str(one / "init" / "model.safetensors"))[k])]
     assert changed, "training did not move the student"
@@ -129,6 +137,17 @@ def test_ddp_two_gloo_processes_match_one(tiny_qwen_dir, corpus, tmp_path):
     la = [r["loss"] for r in records(one) if "split" not in r]
     lb = [r["loss"] for r in records(two) if "split" not in r]
     assert la == pytest.approx(lb, rel=1e-4)
+    va = [r["kl"] for r in records(one) if r.get("split") == "val"]
+    assert va == pytest.approx([r["kl"] for r in records(two) if r.get("split") == "val"], rel=1e-4)
+    if parallel == "fsdp":  # resume from the gathered step-2 checkpoint, re-sharded: same final weights
+        ckpts = two / "checkpoints"
+        shutil.rmtree(ckpts / "step-0000004")
+        (ckpts / "latest").write_text("step-0000002")
+        shutil.rmtree(two / "model")
+        _torchrun([*two_flags, "--resume"])
+        c = weights(two)
+        for k in a:
+            torch.testing.assert_close(b[k], c[k], rtol=1e-5, atol=1e-6)
 
 
 # ---- bad input: one clear line on stderr, exit 2 -------------------------------------------------------------
