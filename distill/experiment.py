@@ -125,6 +125,53 @@ def combine(args) -> int:
     return 0
 
 
+def depth(args) -> int:
+    """Quality and speed against student depth: a table (depth.md) and a plot (depth.png) from score JSONs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    runs = sorted((json.loads(p.read_text()) for p in out.glob("*.json") if p.stem != "summary"),
+                  key=lambda r: r["layers"])
+    teacher = json.loads(Path(args.teacher).read_text()) if args.teacher else None
+    t_es = _mean(teacher["heldout"]["es"]) if teacher else None
+    t_dec = teacher.get("speed", {}).get("decode_tok_s") if teacher else None
+    lines = ["| student | layers | params (M) | held-out ES | % teacher ES | HumanEval-1L ES | prefill tok/s | "
+             "decode tok/s | decode × teacher |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [teacher | {"name": "teacher"}] if teacher else []
+    for r in rows + runs:
+        es, sp = _mean(r["heldout"]["es"]), r.get("speed", {})
+        frac = f"{100 * es / t_es:.0f}%" if t_es else ""
+        ratio = f"{sp['decode_tok_s'] / t_dec:.2f}" if sp and t_dec else ""
+        lines.append(f"| {r['name']} | {r['layers']} | {r['params'] / 1e6:.0f} | {es:.4f} | {frac} | "
+                     f"{_mean(r.get('humaneval', {}).get('es', [])):.4f} | {sp.get('prefill_tok_s', float('nan')):.0f} | "
+                     f"{sp.get('decode_tok_s', float('nan')):.1f} | {ratio} |")
+    (out / "depth.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [r["layers"] for r in runs]
+    ax.plot(xs, [_mean(r["heldout"]["es"]) for r in runs], "o-", label="held-out ES")
+    if all("humaneval" in r for r in runs):
+        ax.plot(xs, [_mean(r["humaneval"]["es"]) for r in runs], "s-", label="HumanEval-1L ES")
+    if t_es:
+        ax.axhline(t_es, color="grey", ls="--", label=f"teacher held-out ES ({teacher['layers']} layers)")
+    ax.set_xlabel("student layers (kept of the teacher's)")
+    ax.set_ylabel("edit similarity")
+    ax.set_xticks(xs)
+    if all(r.get("speed") for r in runs):
+        ax2 = ax.twinx()
+        ax2.plot(xs, [r["speed"]["decode_tok_s"] for r in runs], "^:", color="tab:red", label="decode tok/s")
+        ax2.set_ylabel("decode tok/s (torch, batch 1)", color="tab:red")
+        ax2.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    ax.set_title("distilled student: quality and speed vs depth")
+    fig.tight_layout()
+    fig.savefig(out / "depth.png", dpi=120)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m localcoder.distill.experiment")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -149,13 +196,16 @@ def main(argv=None) -> int:
     v.add_argument("--repeats", type=int, default=3)
     v.add_argument("--prompt", type=int, default=256)
     v.add_argument("--decode", type=int, default=32)
+    d = sub.add_parser("depth")
+    d.add_argument("--out", required=True, help="directory of score JSONs, one per depth")
+    d.add_argument("--teacher", help="the teacher's score JSON")
     c = sub.add_parser("combine")
     c.add_argument("--out", required=True)
     c.add_argument("--a", required=True)
     c.add_argument("--b", action="append", default=[])
     c.add_argument("--teacher", default="teacher")
     args = ap.parse_args(argv)
-    return {"score": score, "speed": speed, "combine": combine}[args.cmd](args)
+    return {"score": score, "speed": speed, "combine": combine, "depth": depth}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ paired bootstrap lines, speed ratios)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -63,3 +64,8 @@ def test_score_speed_combine_end_to_end(tiny_qwen_dir, tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| student | 4 |" in summary and "100%" in summary
     assert "heldout ES student − teacher: +0.0000" in summary  # identical models: a zero difference
+    assert experiment.main(["depth", "--out", str(out), "--teacher", str(out / "teacher.json")]) == 0
+    table = (out / "depth.md").read_text().splitlines()
+    assert len(table) == 2 + 3 and table[2].startswith("| teacher | 4 |")
+    assert re.search(r"\| \d+\.\d\d \|$", table[-1])  # decode speed relative to the teacher
+    assert (out / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
