@@ -68,19 +68,20 @@ def markdown(report: dict, title: str = "localcoder quantize report") -> str:
              f"measured). Decode bound = bandwidth ÷ weight bytes per token.",
              "",
              "| artifact | size MB | weights/token MB | load s | prefill tok/s | decode tok/s | bound tok/s | "
-             "of bound | KL | top-1 | ES | EM | pass@1 | ES drop (95% CI of diff) | gate |",
+             "of bound | KL | top-1 | ES | EM | pass@1 | ES drop (95% CI) | gate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in [report["source"], *report["artifacts"]]:
         ci = a.get("es_diff_ci")
         drop = "–" if a.get("es_drop") is None else (
-            f"{100 * a['es_drop']:+.1f}" + (f" ({100 * ci[0]:+.1f}..{100 * ci[1]:+.1f})" if ci else ""))
+            f"{100 * a['es_drop']:+.1f}" + (f" ({-100 * ci[1]:+.1f}..{-100 * ci[0]:+.1f})" if ci else ""))
         gate = "–" if a.get("passed") is None else ("pass" if a["passed"] else "FAIL: " + "; ".join(a["reasons"]))
         lines.append(
             f"| {a['label']} | {_mb(a['size_bytes'])} | {_mb(a['weight_bytes_per_token'])} | {a['load_s']:.1f} | "
             f"{a['prefill_tok_s']:.1f} | {a['decode_tok_s']:.1f} | {_fmt(a['bound_tok_s'])} | "
             f"{_fmt(a['bound_fraction'], '.0%')} | {_fmt(a['kl'], '.4f')} | {_fmt(a['top1'], '.3f')} | "
             f"{_fmt(a['es'], '.3f')} | {_fmt(a['em'], '.3f')} | {_fmt(a['pass_at_1'], '.3f')} | {drop} | {gate} |")
-    lines += ["", "ES drop is source minus artifact (positive = worse); its CI is a paired bootstrap over the cases."]
+    lines += ["", "ES drop is source minus artifact in points (positive = worse), with the 95% paired bootstrap interval "
+              "of that drop over the cases."]
     for key in ("prune", "sparsity"):
         if report.get(key):
             lines += ["", f"## {key}", "", "```json", json.dumps(report[key], indent=2), "```"]

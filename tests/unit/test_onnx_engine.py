@@ -87,7 +87,9 @@ def test_quantized_exports_keep_the_head_and_generate(onnx_fp32, tmp_path, torch
     assert res.kept_nodes == ["/lm_head/MatMul"] and res.quantized_nodes == 4 * 7  # 7 matmuls per block
     graph = onnx.load(str(res.path / "model.onnx"))
     ops = {n.op_type for n in graph.graph.node}
-    assert ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops) if qtype == "int8" else "MatMulNBits" in ops
+    assert "MatMulNBits" in ops and not ops & {"MatMulInteger", "DynamicQuantizeLinear"}  # weight-only
+    bits = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {8 if qtype == "int8" else 4}
     assert any(n.name == "/lm_head/MatMul" and n.op_type == "MatMul" for n in graph.graph.node)
     eng = OnnxEngine(res.path, n_threads=2)
     with torch.no_grad():
