@@ -91,6 +91,27 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _bars(runs: dict, path: Path) -> None:
+    """ES per model (held-out and HumanEval-1L side by side) as a bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 3.8))
+    for i, split in enumerate(("heldout", "humaneval")):
+        vals = [_mean(runs[n].get(split, {}).get("es", [])) for n in names]
+        bars = ax.bar([x + 0.38 * i for x in range(len(names))], vals, width=0.38,
+                      label={"heldout": "held-out", "humaneval": "HumanEval-1L"}[split])
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks([x + 0.19 for x in range(len(names))], names)
+    ax.set_ylabel("edit similarity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def combine(args) -> int:
     from localcoder.eval.metrics import paired_bootstrap
 
@@ -121,6 +142,7 @@ def combine(args) -> int:
                          f"n={len(runs[b][split]['es'])})")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
+    _bars(runs, out / "summary.png")
     print(text)
     return 0
 

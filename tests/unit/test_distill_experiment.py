@@ -62,6 +62,7 @@ def test_score_speed_combine_end_to_end(tiny_qwen_dir, tmp_path):
     assert json.loads((out / "student.json").read_text())["speed"]["decode_tok_s"] > 0
     assert experiment.main(["combine", "--out", str(out), "--a", "student", "--b", "teacher"]) == 0
     summary = (out / "summary.md").read_text()
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert "| student | 4 |" in summary and "100%" in summary
     assert "heldout ES student − teacher: +0.0000" in summary  # identical models: a zero difference
     assert experiment.main(["depth", "--out", str(out), "--teacher", str(out / "teacher.json")]) == 0
