@@ -194,6 +194,25 @@ def depth(args) -> int:
     return 0
 
 
+def at_step(args) -> int:
+    """An HF model directory from a run's checkpoint (init weights + the checkpoint's trainable tensors), to
+    score two arms at an equal number of steps."""
+    import torch
+
+    from localcoder.distill.students import load_causal_lm
+
+    run = Path(args.run)
+    model, tok = load_causal_lm(run / "init")
+    blob = torch.load(run / "checkpoints" / f"step-{args.step:07d}" / "state.pt", map_location="cpu", weights_only=False)
+    _, unexpected = model.load_state_dict(blob["model"], strict=False)
+    if unexpected:
+        raise SystemExit(f"checkpoint tensors do not fit {run / 'init'}: {unexpected[:3]}")
+    model.save_pretrained(args.out, safe_serialization=True)
+    tok.save_pretrained(args.out)
+    print(f"{run} step {args.step}: {len(blob['model'])} tensors -> {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m localcoder.distill.experiment")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -221,13 +240,17 @@ def main(argv=None) -> int:
     d = sub.add_parser("depth")
     d.add_argument("--out", required=True, help="directory of score JSONs, one per depth")
     d.add_argument("--teacher", help="the teacher's score JSON")
+    a = sub.add_parser("at-step")
+    a.add_argument("run")
+    a.add_argument("step", type=int)
+    a.add_argument("out")
     c = sub.add_parser("combine")
     c.add_argument("--out", required=True)
     c.add_argument("--a", required=True)
     c.add_argument("--b", action="append", default=[])
     c.add_argument("--teacher", default="teacher")
     args = ap.parse_args(argv)
-    return {"score": score, "speed": speed, "combine": combine, "depth": depth}[args.cmd](args)
+    return {"score": score, "speed": speed, "combine": combine, "depth": depth, "at-step": at_step}[args.cmd](args)
 
 
 if __name__ == "__main__":

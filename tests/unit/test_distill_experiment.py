@@ -37,6 +37,28 @@ def test_newline_stop_marks_rows_that_produced_a_newline(tiny_qwen_dir):
     assert stop(ids, None).tolist() == [False, True]
 
 
+def test_at_step_rebuilds_the_model_a_checkpoint_describes(tiny_qwen_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from localcoder.distill import experiment
+    from localcoder.distill.students import load_causal_lm
+
+    run = tmp_path / "run"
+    model, tok = load_causal_lm(tiny_qwen_dir)
+    model.save_pretrained(run / "init")
+    tok.save_pretrained(run / "init")
+    name = "model.layers.1.mlp.down_proj.weight"
+    trained = torch.full_like(dict(model.named_parameters())[name], 0.5)
+    (run / "checkpoints" / "step-0000007").mkdir(parents=True)
+    torch.save({"model": {name: trained}}, run / "checkpoints" / "step-0000007" / "state.pt")
+    assert experiment.main(["at-step", str(run), "7", str(tmp_path / "at7")]) == 0
+    w = load_file(str(tmp_path / "at7" / "model.safetensors"))
+    assert torch.equal(w[name], trained)
+    assert torch.equal(w["model.layers.0.mlp.down_proj.weight"], dict(model.named_parameters())[
+        "model.layers.0.mlp.down_proj.weight"].detach())
+
+
 def test_score_speed_combine_end_to_end(tiny_qwen_dir, tmp_path):
     from localcoder.distill import experiment
 
