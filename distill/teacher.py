@@ -68,11 +68,11 @@ class TopKCache:
                 chunk = todo[i: i + batch_size]
                 ids = torch.as_tensor(teacher_ids[chunk], device=device).long()  # (b, L)
                 logits = teacher(input_ids=ids, use_cache=False).logits.float()  # (b, L, V)
-                vals, idx = logits.topk(self.k, dim=-1)  # (b, L, K)
-                lse = torch.logsumexp(logits, -1)  # (b, L)
-                if not write:
+                if not write:  # a lockstep rank: its forward is needed for the shard gathers, not its output
                     bar.update(len(chunk))
                     continue
+                vals, idx = logits.topk(self.k, dim=-1)  # (b, L, K)
+                lse = torch.logsumexp(logits, -1)  # (b, L)
                 self.arrays["vals"][chunk] = vals.cpu().numpy().astype(np.float16)
                 self.arrays["idx"][chunk] = idx.cpu().numpy().astype(np.int32)
                 self.arrays["lse"][chunk] = lse.cpu().numpy()

@@ -538,7 +538,9 @@ def _checkpoint(out: Path, student, opt, st: RunState, cfg: DistillConfig, dist:
 
 def _fill_teacher_cache(cfg, teacher, data: Data, tok, tname, cache_dir: Path, dist: Dist, progress: bool):
     """Teacher top-k for the rows the schedule reads (all of them once the schedule wraps an epoch) and
-    for the validation rows; each rank fills a disjoint share. Returns (train cache | None, val cache)."""
+    for the validation rows. Replicated teachers: each rank fills a disjoint share; an FSDP-sharded teacher:
+    all ranks run the rows rank 0 found missing, in lockstep, and rank 0 stores them.
+    Returns (train cache | None, val cache)."""
     key = (f"{data.fingerprint}-{tokenizer_hash(tok)}-{cfg.seq_len}-{cfg.fim_rate}-{cfg.fim_order}-"
            f"{cfg.teacher_order}-s{cfg.seed}-n{len(data.train)}")
     base = cache_dir_for(cache_dir, tname, key, cfg.top_k)
