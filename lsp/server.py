@@ -5,7 +5,8 @@ clients without inline completion), the code action "Generate docstring", increm
 sync with UTF-16 positions, accept/reject counters (``localcoder/accepted``, ``localcoder/rejected``
 notifications, the ``localcoder.accepted`` command, the ``localcoder/stats`` request).
 
-All state lives on ``LocalcoderServer``; generations run in its scheduler's worker thread.
+All state lives on ``LocalcoderServer``; completions go through the one engine client
+(``localcoder.client``: in-process, or a running ``localcoder serve`` with ``serverUrl``).
 """
 
 from __future__ import annotations
@@ -14,30 +15,30 @@ import asyncio
 import itertools
 import logging
 import re
-import statistics
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cattrs
 from lsprotocol import types
 from pygls.capabilities import ServerCapabilitiesBuilder
-from pygls.exceptions import FeatureRequestError, JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import FeatureRequestError
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import LanguageServerProtocol
 
 from localcoder import __version__
-from localcoder.completion import InfillRequest
+from localcoder.client import EngineClient, open_client
+from localcoder.completion import CompletionResult, InfillRequest
 from localcoder.config import Config
 from localcoder.errors import InvalidRequest
 from localcoder import docstring
-from localcoder.lsp.backends import Backend, Completion, budget_of, open_backend
+from localcoder.fim.context import Budget
 from localcoder.lsp.context import ContextBuilder, ContextOptions, uri_to_path
 from localcoder.lsp.documents import Document, DocumentStore, normalize_encoding
 from localcoder.lsp.errors import Reporter, is_request_error, to_response_error
 from localcoder.lsp.options import apply_settings
-from localcoder.lsp.scheduler import Scheduler
+from localcoder.lsp.protocol import FramedServer, LocalcoderProtocol
+from localcoder.lsp.requests import Requests
+from localcoder.stats import percentile
 
 log = logging.getLogger("localcoder.lsp")
 
@@ -48,42 +49,6 @@ REJECTED_NOTIFICATION = "localcoder/rejected"
 STATS_REQUEST = "localcoder/stats"
 COMPLETION_TRIGGERS = [".", "(", "[", ",", " "]
 _WORD_BEFORE = re.compile(r"[A-Za-z0-9_$]*$")
-
-
-# ---- protocol: malformed requests get an error response ------------------------------------------
-class _Answered:
-    """Stands in for a request that was already answered with an error while being parsed."""
-
-    jsonrpc = "2.0"
-
-
-_ANSWERED = _Answered()
-
-
-def _describe(exc: BaseException | None) -> str:
-    if isinstance(exc, cattrs.ClassValidationError):
-        return "; ".join(cattrs.transform_error(exc, path="$"))
-    return str(exc) if exc else "malformed message"
-
-
-class LocalcoderProtocol(LanguageServerProtocol):
-    """pygls drops a request whose params fail to parse without answering it; we answer it."""
-
-    def structure_message(self, data: dict[str, Any]):
-        try:
-            return super().structure_message(data)
-        except JsonRpcException as exc:
-            if isinstance(data, dict) and "id" in data and "method" in data and "jsonrpc" in data:
-                msg = f"invalid params for {data['method']}: {_describe(exc.__cause__)}"
-                log.warning(msg)
-                self._send_response(data["id"], error=JsonRpcInvalidParams(message=msg).to_response_error())
-                return _ANSWERED
-            raise
-
-    def handle_message(self, message):
-        if message is _ANSWERED:
-            return
-        super().handle_message(message)
 
 
 # ---- state -----------------------------------------------------------------------------------------
@@ -122,12 +87,12 @@ class Feedback:
             "shown": self.shown, "accepted": self.accepted, "rejected": self.rejected,
             "accepted_chars": self.accepted_chars,
             "acceptance_rate": round(self.accepted / judged, 4) if judged else None,
-            "latency_ms_p50": round(statistics.median(lat), 1) if lat else None,
-            "latency_ms_p95": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 1) if lat else None,
+            "latency_ms_p50": round(percentile(lat, 50), 1) if lat else None,
+            "latency_ms_p95": round(percentile(lat, 95), 1) if lat else None,
         }
 
 
-class LocalcoderServer(LanguageServer):
+class LocalcoderServer(FramedServer, LanguageServer):
     def __init__(self, config: Config | None = None):
         super().__init__("localcoder", __version__, text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
                          protocol_cls=LocalcoderProtocol)
@@ -136,37 +101,29 @@ class LocalcoderServer(LanguageServer):
         self.context = ContextBuilder()
         self.reporter = Reporter()
         self.feedback = Feedback()
-        self.scheduler = Scheduler(self.backend_now)
+        self.requests = Requests()
         self.root_uri: str | None = None
-        self._backend: Backend | None = None
-        self._backend_error: Exception | None = None
+        self.client: EngineClient | None = None
         self._ids = itertools.count(1)
 
-    # ---- backend (called in the worker thread) ----------------------------------------------------
-    def backend_now(self) -> Backend:
-        if self._backend is None:
-            if self._backend_error is not None:
-                raise self._backend_error
-            try:
-                self._backend = open_backend(self.config)
-            except Exception as exc:
-                if not self.config.lsp.server_url:
-                    self._backend_error = exc  # do not re-load a missing model on every keystroke
-                raise
-            log.info("backend ready: %s", self._backend.description)
-        return self._backend
+    # ---- the engine client ------------------------------------------------------------------------
+    def engine(self) -> EngineClient:
+        """The engine client, opened on first use (an in-process model loads on its own thread)."""
+        if self.client is None:
+            self.client = open_client(self.config)
+            log.info("engine client: %s", self.client.description)
+        return self.client
 
-    def drop_backend(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-        self._backend, self._backend_error = None, None
+    async def close_engine(self) -> None:
+        self.requests.cancel_all()
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.close()
 
     async def warm_up(self) -> None:
         try:
-            await self.scheduler.call(self.backend_now)
-            check = getattr(self._backend, "check", None)
-            if check is not None:
-                await self.scheduler.call(check)
+            await self.engine().wait_ready()
+            log.info("engine ready: %s", self.engine().description)
         except Exception as exc:
             self.report(exc)
 
@@ -178,9 +135,7 @@ class LocalcoderServer(LanguageServer):
         except InvalidRequest as exc:
             self.report(exc, always=True)
             return False
-        self.config = applied.config
-        if self._backend is not None:
-            self._backend.set_budget(budget_of(self.config))
+        self.config = applied.config  # budgets and modes apply from the next request on
         return applied.needs_reload
 
     # ---- errors ----------------------------------------------------------------------------------
@@ -205,9 +160,9 @@ class LocalcoderServer(LanguageServer):
         return InfillRequest(prefix, suffix, snippets=snippets, path=uri_to_path(doc.uri, self.root_uri),
                              repo=uri_to_path(self.root_uri) if self.root_uri else None,
                              language=doc.language_id or None, mode=c.mode, max_tokens=c.max_tokens,
-                             time_budget_ms=c.time_budget_ms)
+                             time_budget_ms=c.time_budget_ms, budget=Budget.from_config(c))
 
-    async def complete_at(self, uri: str, position: types.Position, automatic: bool) -> Completion | None:
+    async def complete_at(self, uri: str, position: types.Position, automatic: bool) -> CompletionResult | None:
         """The completion at ``position``; None when superseded, stale, empty or failed (reported)."""
         try:
             doc = self.documents.get(uri)
@@ -215,7 +170,7 @@ class LocalcoderServer(LanguageServer):
         except InvalidRequest as exc:
             raise to_response_error(exc) from None
         version = doc.version
-        ticket = self.scheduler.issue(uri)
+        ticket = self.requests.issue(uri)
 
         def snapshot() -> InfillRequest | None:
             current = self.documents.find(uri)
@@ -223,7 +178,7 @@ class LocalcoderServer(LanguageServer):
 
         debounce = self.config.lsp.debounce_ms / 1000 if automatic else 0.0
         try:
-            result = await self.scheduler.run(ticket, snapshot, debounce)
+            result = await self.requests.run(self.engine(), ticket, snapshot, debounce)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -235,26 +190,21 @@ class LocalcoderServer(LanguageServer):
             self.reporter.success()
         return result if result is not None and result.text else None
 
-    def serve(self, result: Completion) -> int:
+    def serve(self, result: CompletionResult) -> int:
         cid = next(self._ids)
         self.feedback.serve(cid, result.text, result.elapsed_ms)
         return cid
 
     def stats(self) -> dict[str, Any]:
         out = self.feedback.summary()
-        out.update(asdict(self.scheduler.stats))
+        out.update(asdict(self.requests.stats))
         out["errors"] = dict(self.reporter.counts)
         out["documents"] = len(self.documents)
         out["heavy_modules"] = sorted(m for m in ("torch", "transformers", "onnxruntime", "llama_cpp")
                                       if m in sys.modules)
-        if self._backend is not None:
-            out.update(self._backend.counters())
+        if self.client is not None:
+            out.update(self.client.counters())
         return out
-
-    def shutdown_engine(self) -> None:
-        self.scheduler.shutdown()
-        if self._backend is not None:
-            self._backend.close()
 
 
 # ---- features ------------------------------------------------------------------------------------
@@ -272,8 +222,7 @@ async def on_initialized(ls: LocalcoderServer, params: types.InitializedParams) 
 
 async def on_change_configuration(ls: LocalcoderServer, params: types.DidChangeConfigurationParams) -> None:
     if ls.configure(params.settings):
-        ls.scheduler.cancel_all()
-        await ls.scheduler.call(ls.drop_backend)
+        await ls.close_engine()
         ls.reporter.success()
         await ls.warm_up()
 
@@ -288,7 +237,12 @@ def on_change(ls: LocalcoderServer, params: types.DidChangeTextDocumentParams) -
     if uri not in ls.documents:
         log.warning("didChange for unknown document %s ignored", uri)
         return
-    ls.documents.change(uri, params.content_changes, params.text_document.version)
+    try:
+        ls.documents.change(uri, params.content_changes, params.text_document.version)
+    except InvalidRequest as exc:  # a notification cannot be answered: tell the user, keep the document
+        version = ls.documents.get(uri).version
+        ls.protocol.warn_user(f"ignored a textDocument/didChange of {uri}: {exc.message}; the document is "
+                              f"unchanged (version {version})")
 
 
 def on_close(ls: LocalcoderServer, params: types.DidCloseTextDocumentParams) -> None:
@@ -381,9 +335,9 @@ async def generate_docstring(ls: LocalcoderServer, uri: str, position: dict) -> 
         raise to_response_error(exc if isinstance(exc, InvalidRequest) else
                                 InvalidRequest(f"bad arguments: {exc}", param="arguments")) from None
     req = docstring.docstring_request(doc.text, fn, path=uri_to_path(uri, ls.root_uri))
-    ticket = ls.scheduler.issue(f"docstring:{uri}")
+    ticket = ls.requests.issue(f"docstring:{uri}")
     try:
-        result = await ls.scheduler.run(ticket, lambda: req)
+        result = await ls.requests.run(ls.engine(), ticket, lambda: req)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -419,8 +373,8 @@ def on_stats(ls: LocalcoderServer, params: Any) -> dict[str, Any]:
     return ls.stats()
 
 
-def on_shutdown(ls: LocalcoderServer, params: Any) -> None:
-    ls.shutdown_engine()
+async def on_shutdown(ls: LocalcoderServer, params: Any) -> None:
+    await ls.close_engine()
 
 
 def create_server(config: Config | None = None) -> LocalcoderServer:

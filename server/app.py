@@ -1,8 +1,9 @@
 """The Starlette application: routes, middleware, lifespan.
 
 ``create_app(completer, cfg)`` takes a ready ``Completer`` or a zero-argument factory that loads
-one; with a factory the model loads on a background thread after the socket is listening and
-``/health`` answers 503 until it is ready. All state lives on ``app.state.lc`` (``ServerState``).
+one; with a factory the model loads on the engine client's worker thread after the socket is
+listening and ``/health`` answers 503 until it is ready. Every route talks to the one engine client
+(``localcoder.client.InProcessClient``). All state lives on ``app.state.lc`` (``ServerState``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import logging
 import os
 import platform
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -28,44 +28,47 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from localcoder import __version__
+from localcoder.client import CompleterSource, Delta, Generation, InProcessClient
 from localcoder.completion import CompletionResult, Completer
+from localcoder.engines.base import Timings
 from localcoder.config import Config
 from localcoder.errors import LocalcoderError
 from localcoder.server import schemas
 from localcoder.server.auth import AuthMiddleware, client_identity, resolve_api_key
 from localcoder.server.errors import (
     BodyTooLarge,
-    NotReady,
     error_body,
     error_response,
     handle_http_exception,
     handle_localcoder_error,
     handle_unexpected,
 )
+from localcoder.server.guard import GuardMiddleware
 from localcoder.server.metrics import Metrics
-from localcoder.server.scheduler import Event, Job, Scheduler
 
 log = logging.getLogger("localcoder.server")
-
-CompleterSource = Completer | Callable[[], Completer]
 
 
 @dataclass
 class ServerState:
     cfg: Config
     metrics: Metrics = field(default_factory=Metrics)
-    completer: Completer | None = None
-    scheduler: Scheduler | None = None
-    load_error: BaseException | None = None
+    client: InProcessClient | None = None
     on_ready: Callable[["ServerState"], None] = lambda state: None
     on_fatal: Callable[[BaseException], None] = lambda exc: None
 
-    def require_ready(self) -> Scheduler:
-        if self.scheduler is None:
-            if self.load_error is not None:
-                raise self.load_error
-            raise NotReady("the model is still loading; retry shortly")
-        return self.scheduler
+    def require_ready(self) -> InProcessClient:
+        assert self.client is not None
+        self.client.require_ready()
+        return self.client
+
+    @property
+    def completer(self) -> Completer | None:
+        return self.client.completer if self.client is not None and self.client.ready else None
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self.client.load_error if self.client is not None else None
 
     @property
     def model_name(self) -> str:
@@ -75,44 +78,18 @@ class ServerState:
 # ---- lifespan ------------------------------------------------------------------------------------
 
 
-def _start(state: ServerState, completer: Completer) -> None:
-    _ = completer.format  # detect the FIM format once, before requests race for it
-    state.completer = completer
-    state.scheduler = Scheduler(completer, state.cfg.server.max_queue,
-                                on_cancel=state.metrics.observe_cancel, on_result=state.metrics.observe_result)
-    state.on_ready(state)
-
-
-def _load_in_background(state: ServerState, factory: Callable[[], Completer]) -> threading.Thread:
-    def load() -> None:
-        try:
-            _start(state, factory())
-        except BaseException as exc:  # reported by /health and the CLI
-            state.load_error = exc
-            log.error("could not load the model: %s", exc)
-            state.on_fatal(exc)
-
-    thread = threading.Thread(target=load, name="localcoder-load", daemon=True)
-    thread.start()
-    return thread
-
-
 def _lifespan(source: CompleterSource):
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state: ServerState = app.state.lc
-        owned = not isinstance(source, Completer)
-        if owned:
-            _load_in_background(state, source)
-        else:
-            _start(state, source)
+        state.client = InProcessClient(source, max_queue=state.cfg.server.max_queue,
+                                       on_cancel=state.metrics.observe_cancel,
+                                       on_result=state.metrics.observe_result,
+                                       on_ready=lambda client: state.on_ready(state), on_error=state.on_fatal)
         try:
             yield
         finally:
-            if state.scheduler is not None:
-                state.scheduler.close()
-            if owned and state.completer is not None:
-                state.completer.engine.close()
+            await state.client.close()
 
     return lifespan
 
@@ -188,29 +165,35 @@ class DisconnectWatch:
         self.task.cancel()
 
 
-async def next_event(job: Job, watch: DisconnectWatch, scheduler: Scheduler) -> Event:
-    get = asyncio.ensure_future(job.events.get())
-    done, _ = await asyncio.wait({get, watch.task}, return_when=asyncio.FIRST_COMPLETED)
-    if get in done:
-        return get.result()
-    get.cancel()
-    scheduler.cancel(job, "disconnect")
+async def next_delta(gen: Generation, watch: DisconnectWatch) -> Delta:
+    nxt = asyncio.ensure_future(gen.__anext__())
+    done, _ = await asyncio.wait({nxt, watch.task}, return_when=asyncio.FIRST_COMPLETED)
+    if nxt in done:
+        return nxt.result()
+    nxt.cancel()
+    gen.cancel("disconnect")
     raise ClientGone()
 
 
-async def wait_result(job: Job, watch: DisconnectWatch, scheduler: Scheduler) -> CompletionResult:
-    while True:
-        event = await next_event(job, watch, scheduler)
-        if event.kind == "error":
-            assert event.error is not None
-            raise event.error
-        if event.kind == "done":
-            assert event.result is not None
-            return event.result
+CLIENT_HEADER = "x-localcoder-client"
 
 
 def lane_of(request: Request, kind: str, value: object | None) -> str | None:
-    return None if value is None else f"{client_identity(request.scope)}|{kind}|{value}"
+    """The supersession key: a newer request on the same lane cancels the older one.
+
+    A lane is (who, which client, kind, value): who is the API key's digest or the peer host; the
+    client is the ``X-Localcoder-Client`` header when sent (our LSP and editor plugins send one per
+    process), else the TCP connection. Two editors on one machine that both use llama.vim's
+    ``id_slot: 0`` thus never cancel each other; a client that closes its connection to make a new
+    request is cancelled by the disconnect instead.
+    """
+    if value is None:
+        return None
+    client = request.headers.get(CLIENT_HEADER)
+    if not client:
+        peer = request.scope.get("client")
+        client = f"conn:{peer[1]}" if peer else "conn:?"
+    return f"{client_identity(request.scope)}|{client[:64]}|{kind}|{value}"
 
 
 class EventStream(StreamingResponse):
@@ -225,7 +208,7 @@ class EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.on_close()
+            self.on_close()  # cancels a generation still running
 
 
 def sse(obj: Any) -> str:
@@ -241,40 +224,43 @@ async def respond(request: Request, state: ServerState, req, lane: str | None, s
                   done_marker: bool = False) -> Response:
     """Queue the request, then answer with one JSON body or an SSE stream of deltas."""
     req.validate()
-    scheduler = state.require_ready()
-    job = scheduler.submit(req, lane)
+    client = state.require_ready()
+    if req.max_tokens == 0 and not stream:  # llama.vim's warm-up: prefill at the lowest priority
+        client.prefill(req, lane)
+        return JSONResponse(render_final(CompletionResult("", "limit", req.mode, Timings(), False, 0)))
+    gen = client.generate(req, lane)
     watch = DisconnectWatch(request.receive)
     try:
+        first = await next_delta(gen, watch)
         if not stream:
-            result = await wait_result(job, watch, scheduler)
+            result = first.result
+            while result is None:
+                result = (await next_delta(gen, watch)).result
             if result.stop_type == "cancelled":  # superseded: nothing worth inserting
                 result.text = ""
             return JSONResponse(render_final(result))
-        first = await next_event(job, watch, scheduler)
-        if first.kind == "error":
-            assert first.error is not None
-            raise first.error
+    except BaseException:
+        gen.cancel("disconnect")
+        raise
     finally:
         watch.stop()
-        if not stream:
-            scheduler.cancel(job, "disconnect")  # no-op when finished
     assert render_delta is not None and render_end is not None
-    return EventStream(_sse_events(job, first, render_delta, render_end, done_marker),
-                       on_close=lambda: scheduler.cancel(job, "disconnect"))
+    return EventStream(_sse_events(gen, first, render_delta, render_end, done_marker),
+                       on_close=lambda: gen.cancel("disconnect"))
 
 
-async def _sse_events(job: Job, event: Event, render_delta, render_end, done_marker: bool) -> AsyncIterator[str]:
+async def _sse_events(gen: Generation, delta: Delta, render_delta, render_end, done_marker: bool
+                      ) -> AsyncIterator[str]:
     while True:
-        if event.kind == "delta":
-            yield sse(render_delta(event.text))
-        elif event.kind == "done":
-            assert event.result is not None
-            yield sse(render_end(event.result))
+        if delta.result is not None:
+            yield sse(render_end(delta.result))
             break
-        else:
-            yield sse(error_body(event.error))
+        yield sse(render_delta(delta.text))
+        try:
+            delta = await gen.__anext__()
+        except Exception as exc:  # typed errors end the stream with an error event
+            yield sse(error_body(exc))
             return
-        event = await job.events.get()
     if done_marker:
         yield "data: [DONE]\n\n"
 
@@ -300,7 +286,8 @@ async def infill(request: Request) -> Response:
     def end(result: CompletionResult) -> dict:
         return {**schemas.infill_response(result, model, call.slot), "content": ""}
 
-    return await respond(request, state, call.request, lane_of(request, "slot", call.slot), call.stream,
+    lane = lane_of(request, "lane", call.lane) if call.lane else lane_of(request, "slot", call.slot)
+    return await respond(request, state, call.request, lane, call.stream,
                          final, delta, end)
 
 
@@ -346,9 +333,10 @@ async def _tabby(request: Request, state: ServerState, body: dict) -> Response:
 
 
 async def health(request: Request) -> Response:
-    state = _state(request)
-    state.require_ready()
-    return JSONResponse({"status": "ok"})
+    """503 while loading (or failed); else ``status: ok`` with the model, the queue and, where the
+    engine has them, its cache slots (memory per slot) and its remote server's health."""
+    client = _state(request).require_ready()
+    return JSONResponse(await client.health())
 
 
 async def tabby_health(request: Request) -> Response:
@@ -364,7 +352,7 @@ async def tabby_health(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     state = _state(request)
-    meta: dict[str, Any] = {"ready": state.scheduler is not None}
+    meta: dict[str, Any] = {"ready": state.completer is not None}
     if state.completer is not None:
         engine = state.completer.engine
         meta.update(engine=engine.name, device=engine.device, n_ctx=engine.n_ctx,
@@ -376,12 +364,20 @@ async def models(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state = _state(request)
-    sched = state.scheduler
-    gauges = {
-        "queue_depth": lambda: sched.depth if sched else 0,
-        "engine_busy": lambda: int(sched.busy) if sched else 0,
-        "ready": lambda: int(sched is not None),
+    client = state.client
+    ready = client is not None and client.ready
+    gauges: dict[str, Callable[[], float]] = {
+        "queue_depth": lambda: client.depth if client else 0,
+        "engine_busy": lambda: int(client.busy) if client else 0,
+        "ready": lambda: int(ready),
     }
+    if client is not None:
+        stats = client.stats
+        gauges.update(background_prefills_total=lambda: stats.prefills,
+                      background_prefills_cancelled_total=lambda: stats.prefills_cancelled)
+        tokens = client.counters().get("engine_tokens_generated")
+        if tokens is not None:  # the fake engine counts its decode steps (cancellation tests read it)
+            gauges["engine_tokens_generated"] = lambda: tokens
     return PlainTextResponse(state.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
 
@@ -409,6 +405,7 @@ def create_app(completer: CompleterSource, cfg: Config, *,
         middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
     middleware.append(Middleware(MetricsMiddleware, metrics=state.metrics))
+    middleware.append(Middleware(GuardMiddleware, cfg=cfg.server))  # Host (rebinding) + JSON-only POSTs
     api_key = resolve_api_key(cfg.server)
     if api_key:
         middleware.append(Middleware(AuthMiddleware, api_key=api_key))

@@ -7,6 +7,7 @@ message text.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from starlette.exceptions import HTTPException
@@ -21,9 +22,11 @@ from localcoder.errors import (
     ModelCorrupt,
     ModelNotFound,
     NotFimCapable,
+    NotReady,
     QueueFull,
     Unauthorized,
 )
+from localcoder.text import clean
 
 log = logging.getLogger("localcoder.server")
 
@@ -34,10 +37,16 @@ class BodyTooLarge(InvalidRequest):
     kind = "request_too_large"
 
 
-class NotReady(LocalcoderError):
-    """The model is still loading."""
+class HostNotAllowed(LocalcoderError):
+    """The ``Host`` header names neither loopback nor an allowed host (DNS rebinding)."""
 
-    kind = "model_loading"
+    kind = "host_not_allowed"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A POST body that is not ``application/json`` (what a web page can send without a preflight)."""
+
+    kind = "unsupported_media_type"
 
 
 class RouteNotFound(LocalcoderError):
@@ -51,9 +60,11 @@ class MethodNotAllowed(LocalcoderError):
 # Most specific first: the first isinstance match wins (ContextTooLong is an InvalidRequest).
 STATUS: list[tuple[type[LocalcoderError], int]] = [
     (BodyTooLarge, 413),
+    (UnsupportedMediaType, 415),
     (ContextTooLong, 422),
     (InvalidRequest, 400),
     (Unauthorized, 401),
+    (HostNotAllowed, 403),
     (RouteNotFound, 404),
     (ModelNotFound, 404),
     (MethodNotAllowed, 405),
@@ -72,12 +83,17 @@ def status_for(exc: LocalcoderError) -> int:
 
 def error_body(exc: BaseException) -> dict:
     if isinstance(exc, LocalcoderError):
-        return {"error": {"message": str(exc), "type": exc.kind, "param": exc.param}}
+        param = clean(exc.param) if isinstance(exc.param, str) else exc.param
+        return {"error": {"message": clean(str(exc)), "type": exc.kind, "param": param}}  # may echo client text
     return {"error": {"message": "internal server error", "type": "server_error", "param": None}}
 
 
 def error_response(exc: BaseException) -> JSONResponse:
     """Status, headers and JSON body for any exception (unknown ones become a logged 500)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        log.error("no space left on device: %s", exc)
+        return JSONResponse({"error": {"message": "no space left on device on the server", "type": "disk_full",
+                                       "param": None}}, status_code=507)
     if not isinstance(exc, LocalcoderError):
         log.error("unhandled error", exc_info=exc)
         return JSONResponse(error_body(exc), status_code=500)

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from localcoder.cli import add_model_arguments, config_from_args, open_completer
+from localcoder.cli import add_model_arguments, config_from_args
 
-SUITES = ("humaneval-single", "humaneval-multi", "heldout", "docstrings")
+SUITES = ("humaneval-single", "humaneval-multi", "humaneval-partial", "heldout", "docstrings")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold", action="store_true", help="no KV reuse between cases (cold latency)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, help="override generated tokens per case")
     p.add_argument("--out", help="write JSON results here")
+    p.add_argument("--paired-healing", action="store_true",
+                   help="run each suite again without token healing; print the paired ES difference (95%% CI)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_model_arguments(p)
 
@@ -30,6 +32,8 @@ def cases_for(suite: str, args: argparse.Namespace):
     from localcoder.errors import InvalidRequest
     from localcoder.eval import heldout, humaneval_infill
 
+    if suite == "humaneval-partial":
+        return humaneval_infill.load_partial_tasks(args.limit, args.seed)
     if suite.startswith("humaneval"):
         return humaneval_infill.load_tasks(suite.split("-")[1], args.limit, args.seed)
     if not args.data:
@@ -42,18 +46,21 @@ def cases_for(suite: str, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from localcoder.completion import Completer
     from localcoder.errors import InvalidRequest
     from localcoder.eval.runner import evaluate, table, write_reports
 
     if args.limit is not None and args.limit <= 0:
         raise InvalidRequest("--limit must be a positive number", param="limit")
     cfg = config_from_args(args)
-    completer = open_completer(cfg, progress=not args.quiet)
+    completer = Completer.from_config(cfg, pull=True, progress=not args.quiet)
     reports = []
     for suite in args.suite or ["humaneval-single"]:
         cases = cases_for(suite, args)
         reports.append(evaluate(completer, cases, execute=not args.no_exec, progress=not args.quiet, name=suite,
                                 max_tokens=args.max_tokens, cold=args.cold))
+        if args.paired_healing:
+            reports.append(healing_off(completer, cases, suite, args, reports[-1]))
     print(f"model: {cfg.model.model}  engine: {completer.engine.name}  format: {completer.format.name}"
           f"  order: {completer.order}", file=sys.stderr)
     print(table(reports))
@@ -61,3 +68,19 @@ def run(args: argparse.Namespace) -> int:
         write_reports(reports, Path(args.out))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def healing_off(completer, cases, suite: str, args: argparse.Namespace, healed):
+    """The same cases without token healing, and the paired ES difference healed - not healed."""
+    from localcoder.eval.metrics import paired_bootstrap
+    from localcoder.eval.runner import evaluate
+
+    completer.token_healing = False
+    try:
+        plain = evaluate(completer, cases, execute=not args.no_exec, progress=not args.quiet,
+                         name=f"{suite} (no healing)", max_tokens=args.max_tokens, cold=args.cold)
+    finally:
+        completer.token_healing = True
+    diff, lo, hi = paired_bootstrap([r.es for r in healed.rows], [r.es for r in plain.rows])
+    print(f"{suite}: token healing ES {diff:+.3f} (95% CI {lo:+.3f}..{hi:+.3f}, n={len(cases)})", file=sys.stderr)
+    return plain

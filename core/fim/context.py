@@ -1,9 +1,12 @@
 """Tokenizer-aware context budgeting around the cursor.
 
 The prefix is trimmed from the top and the suffix from the bottom, at line boundaries. The prefix
-start moves in whole chunks of lines so that, while the user types, the cut stays put and the KV
+start moves in coarse, stable steps so that, while the user types, the cut stays put and the KV
 cache of the prompt's beginning stays valid (a cut that slid by one line per keystroke would
-invalidate the whole cache every time).
+invalidate the whole cache every time): the possible cuts are the line boundaries where the tokens
+counted from the top of the file pass a multiple of a quarter of the budget. They depend only on the
+text above them, so typing below never moves them; the window starts at the first cut after which
+the rest fits, and jumps one quarter of the budget at a time.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Sequence
 from localcoder.engines.base import Tokenizer
 from localcoder.fim.formats import Snippet
 
-PREFIX_CHUNK_LINES = 16
+PREFIX_STEPS = 4  # the prefix window moves in steps of 1/4 of its budget
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,11 @@ class Budget:
     prefix_tokens: int = 1024
     suffix_tokens: int = 256
     extra_tokens: int = 512
+
+    @classmethod
+    def from_config(cls, completion) -> "Budget":
+        """The budget of a ``CompletionConfig`` (``cfg.completion``)."""
+        return cls(completion.prefix_tokens, completion.suffix_tokens, completion.extra_tokens)
 
 
 @dataclass
@@ -45,20 +53,28 @@ def _fit_prefix(tok: Tokenizer, text: str, budget: int) -> tuple[list[int], bool
         return ids, False
     lines = text.splitlines(keepends=True)
     counts = [len(tok.tokenize(line)) for line in lines]
-    start, total = len(lines), 0
-    while start > 0 and total + counts[start - 1] <= budget:
-        start -= 1
-        total += counts[start]
-    # Round the start up to a chunk boundary (counted from the top of the file, so it is stable),
-    # then move down whole chunks until the re-tokenized remainder fits.
-    start = -(-start // PREFIX_CHUNK_LINES) * PREFIX_CHUNK_LINES
-    while start < len(lines):
-        ids = tok.tokenize("".join(lines[start:]))
+    cuts = stable_cuts(counts[:-1], max(1, budget // PREFIX_STEPS))  # never inside the cursor's line
+    tail, before = sum(counts), 0
+    for cut in cuts:  # first the cheap estimate from line counts, then re-tokenize to be exact
+        tail, before = tail - sum(counts[before:cut]), cut
+        if tail > budget:
+            continue
+        ids = tok.tokenize("".join(lines[cut:]))
         if len(ids) <= budget:
             return ids, True
-        start += PREFIX_CHUNK_LINES
     # The cursor's own line region is longer than the budget: keep its last ``budget`` tokens.
     return (tok.tokenize(lines[-1])[-budget:] if budget > 0 else []), True
+
+
+def stable_cuts(counts: Sequence[int], step: int) -> list[int]:
+    """Line indices where the token count from the top first reaches each multiple of ``step``."""
+    cuts, total, mark = [], 0, step
+    for i, n in enumerate(counts):
+        total += n
+        if total >= mark:
+            cuts.append(i + 1)
+            mark = (total // step + 1) * step
+    return cuts
 
 
 def _fit_suffix(tok: Tokenizer, text: str, budget: int) -> tuple[list[int], bool]:

@@ -2,7 +2,7 @@
 
 llama-cpp-python does exactly that while loading a model (``suppress_stdout_stderr``): before the
 fix, every LSP message written during a model load was lost and clients waited forever. Here the
-fake backend's loading imitates it: a stray write to fd 1, then fd 1 on /dev/null for a second.
+fake engine's loading imitates it: a stray write to fd 1, then fd 1 on /dev/null for a second.
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ from lsp_helpers import inline_params, init_params, open_doc, request, server_en
 
 NOISY = r'''
 import os, sys, time
-from localcoder.lsp import backends
-real_open = backends.LocalBackend.open.__func__
+from localcoder.completion import Completer
+real_open = Completer.from_config.__func__
 
-def noisy_open(cls, cfg):
+def noisy_open(cls, cfg, **kw):
     os.write(1, b"llama.cpp log line on fd 1\n")
     null, saved = os.open(os.devnull, os.O_WRONLY), os.dup(1)
     os.dup2(null, 1)  # like llama_cpp._utils.suppress_stdout_stderr
     try:
         time.sleep(1.5)
-        return real_open(cls, cfg)
+        return real_open(cls, cfg, **kw)
     finally:
         os.dup2(saved, 1)
 
-backends.LocalBackend.open = classmethod(noisy_open)
+Completer.from_config = classmethod(noisy_open)
 from localcoder.cli import main
 sys.exit(main(["lsp", "--engine", "fake", "--model", "fake"]))
 '''

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from test_server_harness import client, fake_completer, fixture, make_config, running_server, wait_until
 
+EDITOR = {"X-Localcoder-Client": "editor-1"}  # one editor process (our LSP sends one id per process)
 LONG = "word " * 200  # 1,000 tokens in the byte tokenizer, no newline: long enough to cancel mid-way
 
 
@@ -126,7 +127,8 @@ def test_infill_streaming_sends_deltas_then_a_final_chunk(fake):
 def test_health_models_metrics(fake):
     url, _ = fake
     with client(url) as c:
-        assert c.get("/health").json() == {"status": "ok"}
+        h = c.get("/health").json()
+        assert h["status"] == "ok" and h["model"] == "fake" and h["engine"] == "fake" and h["queue_depth"] == 0
         models = c.get("/v1/models").json()
         assert models["data"][0]["id"] == "fake" and models["data"][0]["meta"]["fim_format"] == "qwen"
         assert c.get("/v1/health").json()["model"] == "fake"
@@ -210,7 +212,7 @@ def test_body_over_the_limit_is_413():
                 yield b"a" * 500
             yield b'"}'
 
-        r = c.post("/infill", content=chunked())
+        r = c.post("/infill", content=chunked(), headers={"content-type": "application/json"})
         assert r.status_code == 413
         assert c.post("/infill", json={"input_prefix": "a" * 100}).status_code == 200
 
@@ -312,14 +314,14 @@ def test_newer_request_on_the_same_slot_supersedes_the_running_one():
 
         def stream_first() -> None:
             body = {"input_prefix": "a", "n_predict": 4000, "stream": True, "id_slot": 3}
-            with client(url) as c, c.stream("POST", "/infill", json=body) as r:
+            with client(url) as c, c.stream("POST", "/infill", json=body, headers=EDITOR) as r:
                 first["chunks"] = [json.loads(d) for d in sse_data(list(r.iter_lines()))]
 
         t = threading.Thread(target=stream_first)
         t.start()
         assert wait_until(lambda: engine.tokens_generated_total >= 5)
         with client(url) as c:
-            second = c.post("/infill", json={"input_prefix": "b", "n_predict": 4, "id_slot": 3}).json()
+            second = c.post("/infill", json={"input_prefix": "b", "n_predict": 4, "id_slot": 3}, headers=EDITOR).json()
         t.join(10)
         final = first["chunks"][-1]
         assert final["stop"] is True and final["stop_reason"] == "cancelled"
@@ -329,6 +331,29 @@ def test_newer_request_on_the_same_slot_supersedes_the_running_one():
             assert 'reason="superseded"} 1' in c.get("/metrics").text
 
 
+def test_two_editors_on_one_slot_do_not_cancel_each_other():
+    """llama.vim's default id_slot is 0 in every editor: only the same client supersedes itself."""
+    completer, engine = fake_completer("abc\n", delay_s=0.05)
+    with running_server(completer) as url:
+        results: dict = {}
+
+        def post(name: str, headers: dict) -> None:
+            with client(url) as c:
+                results[name] = c.post("/infill", json={"input_prefix": name, "id_slot": 0}, headers=headers).json()
+
+        threads = [threading.Thread(target=post, args=("vim-a", {})),  # no header: the connection is the client
+                   threading.Thread(target=post, args=("vim-b", {})),
+                   threading.Thread(target=post, args=("code-a", {"X-Localcoder-Client": "a"})),
+                   threading.Thread(target=post, args=("code-b", {"X-Localcoder-Client": "b"}))]
+        for t in threads:
+            t.start()
+            time.sleep(0.02)
+        for t in threads:
+            t.join(15)
+        assert {name: r["content"] for name, r in results.items()} == dict.fromkeys(results, "abc")
+        assert len(results) == 4 and len(engine.prompts) == 4
+
+
 def test_other_slots_are_not_superseded_and_queued_requests_can_be_superseded():
     completer, engine = fake_completer("abc\n", delay_s=0.3)
     with running_server(completer) as url:
@@ -336,7 +361,7 @@ def test_other_slots_are_not_superseded_and_queued_requests_can_be_superseded():
 
         def post(name: str, body: dict) -> None:
             with client(url) as c:
-                results[name] = c.post("/infill", json=body).json()
+                results[name] = c.post("/infill", json=body, headers=EDITOR).json()
 
         running = threading.Thread(target=post, args=("running", {"input_prefix": "a", "id_slot": 1}))
         running.start()

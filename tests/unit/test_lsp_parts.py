@@ -1,5 +1,5 @@
-"""The language server's parts in-process: settings, context snippets, docstring action, scheduler,
-errors, feedback; and one in-process completion through the server object with the fake engine."""
+"""The language server's parts in-process: settings, context snippets, docstring action, requests
+(newest per document wins), errors, feedback; and one in-process completion through the server object with the fake engine."""
 
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ from lsprotocol import types
 
 from localcoder.completion import Completer, InfillRequest
 from localcoder.config import Config
-from localcoder.engines.base import CancelToken
+from localcoder.client import InProcessClient, http_error
 from localcoder.engines.fake import FakeEngine
 from localcoder.errors import BackendUnavailable, InvalidRequest, ModelNotFound
 from localcoder import docstring
-from localcoder.lsp.backends import Completion, LocalBackend, http_error
 from localcoder.lsp.context import ContextBuilder, ContextOptions, uri_to_path
 from localcoder.lsp.documents import Document
 from localcoder.lsp.errors import Reporter, to_response_error
 from localcoder.lsp.options import apply_settings
-from localcoder.lsp.scheduler import Scheduler
+from localcoder.lsp.requests import Requests
 from localcoder.lsp.server import Feedback, create_server, on_inline_completion, on_open
 
 
@@ -108,52 +107,42 @@ def test_docstring_request_puts_the_cursor_between_quotes():
     assert docstring.format_docstring('  \n', "    ") is None
 
 
-# ---- scheduler: newest wins, cancelled work never starts -----------------------------------------
-class SlowBackend:
-    description = "slow"
-
-    def __init__(self):
-        self.calls, self.stopped = 0, 0
-
-    def complete(self, req: InfillRequest, cancel: CancelToken) -> Completion:
-        self.calls += 1
-        for _ in range(100):
-            if cancel.cancelled:
-                self.stopped += 1
-                return Completion("partial", "cancelled")
-            import time
-            time.sleep(0.01)
-        return Completion(req.prefix.upper(), "eos")
+# ---- requests: newest wins, superseded work never starts -------------------------------------------
+def slow_client() -> tuple[InProcessClient, FakeEngine]:
+    engine = FakeEngine(completion="x" * 100, token_delay_s=0.01)
+    return InProcessClient(Completer(engine)), engine
 
 
-async def test_scheduler_newest_request_per_document_wins():
-    backend = SlowBackend()
-    sched = Scheduler(lambda: backend)
-    first = sched.issue("a")
-    t1 = asyncio.ensure_future(sched.run(first, lambda: InfillRequest("one")))
+async def test_newest_request_per_document_wins():
+    client, engine = slow_client()
+    reqs = Requests()
+    first = reqs.issue("a")
+    t1 = asyncio.ensure_future(reqs.run(client, first, lambda: InfillRequest("one", max_tokens=100)))
     await asyncio.sleep(0.1)
-    queued = sched.issue("a")  # supersedes the running one
-    t2 = asyncio.ensure_future(sched.run(queued, lambda: InfillRequest("two"), debounce_s=0.05))
-    last = sched.issue("a")  # supersedes the debouncing one
-    t3 = asyncio.ensure_future(sched.run(last, lambda: InfillRequest("three")))
+    queued = reqs.issue("a")  # supersedes the running one: it stops before its next token
+    t2 = asyncio.ensure_future(reqs.run(client, queued, lambda: InfillRequest("two"), debounce_s=0.05))
+    last = reqs.issue("a")  # supersedes the debouncing one: it never reaches the engine
+    t3 = asyncio.ensure_future(reqs.run(client, last, lambda: InfillRequest("three", max_tokens=3)))
     assert await t1 is None and await t2 is None
-    assert (await t3).text == "THREE"
-    assert backend.calls == 2 and backend.stopped == 1
-    assert sched.stats.superseded == 2
-    sched.shutdown()
+    assert (await t3).text == "xxx"
+    assert len(engine.prompts) == 2 and engine.tokens_generated_total < 50
+    assert reqs.stats.superseded == 2 and reqs.stats.skipped == 1 and reqs.stats.generations == 2
+    await client.close()
 
 
 async def test_cancelled_task_cancels_the_generation():
-    backend = SlowBackend()
-    sched = Scheduler(lambda: backend)
-    task = asyncio.ensure_future(sched.run(sched.issue("a"), lambda: InfillRequest("x")))
+    client, engine = slow_client()
+    reqs = Requests()
+    task = asyncio.ensure_future(reqs.run(client, reqs.issue("a"), lambda: InfillRequest("x", max_tokens=100)))
     await asyncio.sleep(0.1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0.05)
-    assert backend.stopped == 1 and sched.stats.cancelled == 1
-    sched.shutdown()
+    settled = engine.tokens_generated_total
+    await asyncio.sleep(0.05)
+    assert engine.tokens_generated_total == settled < 50 and reqs.stats.cancelled == 1
+    await client.close()
 
 
 # ---- errors and feedback --------------------------------------------------------------------------
@@ -190,7 +179,7 @@ def test_feedback_counts_each_completion_once():
 async def test_in_process_completion_sees_path_neighbours_and_incremental_text():
     ls = create_server(Config())
     engine = FakeEngine(completion="return a + b\n")
-    ls._backend = LocalBackend(Completer(engine, "qwen"), "fake")
+    ls.client = InProcessClient(Completer(engine, "qwen"))
     ls.root_uri = "file:///proj"
     on_open(ls, types.DidOpenTextDocumentParams(types.TextDocumentItem(
         uri="file:///proj/util.py", language_id="python", version=1, text="def add_numbers(a, b):\n    pass\n")))
@@ -204,7 +193,7 @@ async def test_in_process_completion_sees_path_neighbours_and_incremental_text()
     assert "<|file_sep|>util.py\ndef add_numbers" in prompt and "<|file_sep|>main.py\n" in prompt
     assert prompt.index("util.py") < prompt.index("main.py")
     assert ls.stats()["shown"] == 1
-    ls.scheduler.shutdown()
+    await ls.close_engine()
 
 
 @pytest.mark.parametrize("general,expected", [
@@ -221,12 +210,11 @@ def test_negotiated_position_encoding_reaches_the_documents(general, expected):
     doc = ls.documents.open("file:///x.py", "s = '😀x'")
     col = {"utf-16": 7, "utf-8": 9, "utf-32": 6}[expected]
     assert doc.text[doc.offset_at(types.Position(0, col))] == "x"
-    ls.scheduler.shutdown()
 
 
 def test_lsp_command_does_not_import_torch():
     code = ("import sys; from localcoder.cli import build_parser; build_parser('lsp'); "
-            "import localcoder.lsp.server, localcoder.lsp.backends; "
+            "import localcoder.lsp.server, localcoder.client; "
             "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'llama_cpp') if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

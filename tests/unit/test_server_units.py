@@ -1,4 +1,5 @@
-"""Server pieces without a socket: schema parsing, the error mapping, auth, metrics, scheduler."""
+"""Server pieces without a socket: schema parsing, the error mapping, auth, metrics (the engine client's
+queue is tested in test_client.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from localcoder.server import schemas
 from localcoder.server.auth import bearer_ok, check_bind, is_loopback, resolve_api_key
 from localcoder.server.errors import BodyTooLarge, error_response, status_for
 from localcoder.server.metrics import Metrics
-from localcoder.server.scheduler import Scheduler
 
 CLIENTS = Path(__file__).resolve().parents[1] / "fixtures" / "clients"
 QWEN = get_format("qwen")
@@ -138,25 +138,3 @@ def test_metrics_render_prometheus_text():
     assert 'localcoder_request_seconds_bucket{endpoint="/infill",le="0.025"} 0' in text
     assert 'localcoder_request_seconds_bucket{endpoint="/infill",le="0.05"} 1' in text
     assert 'localcoder_cancellations_total{reason="superseded"} 1' in text and "localcoder_queue_depth 2" in text
-
-
-async def test_scheduler_runs_jobs_in_order_and_bounds_the_queue():
-    engine = FakeEngine(completion="ok\n", token_delay_s=0.02)
-    sched = Scheduler(Completer(engine), max_queue=2)
-    try:
-        jobs = [sched.submit(InfillRequest("p0"), None)]
-        while not engine.active.is_set():
-            await asyncio.sleep(0.001)
-        jobs += [sched.submit(InfillRequest(f"p{i}"), None) for i in (1, 2)]  # 1 runs, 2 wait
-        assert sched.depth == 2
-        with pytest.raises(QueueFull):
-            sched.submit(InfillRequest("more"), None)
-        texts = []
-        for job in jobs[:3]:
-            while (event := await job.events.get()).kind != "done":
-                pass
-            texts.append(event.result.text)
-        assert texts == ["ok"] * 3
-        assert [p.split("<|fim_prefix|>")[1][:2] for p in engine.prompts[:3]] == ["p0", "p1", "p2"]
-    finally:
-        sched.close()
