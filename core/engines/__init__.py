@@ -7,7 +7,7 @@ from localcoder.engines.base import CancelToken, Engine, GenerationRequest, Samp
 from localcoder.errors import InvalidRequest
 from localcoder.models import ResolvedModel
 
-ENGINES = ("llama", "torch", "onnx", "fake")
+ENGINES = ("llama", "torch", "onnx", "fake", "remote")
 _DEFAULT_FOR_KIND = {"gguf": "llama", "hf": "torch", "onnx": "onnx", "fake": "fake"}
 
 
@@ -22,6 +22,10 @@ def engine_for_kind(kind: str, requested: str = "auto") -> str:
 def load_engine(model: ResolvedModel, cfg: ModelConfig | None = None) -> Engine:
     cfg = cfg or ModelConfig()
     name = engine_for_kind(model.kind, cfg.engine)
+    if name == "remote":  # the model gives the tokenizer; a server elsewhere runs it
+        from localcoder.engines.remote import RemoteEngine
+
+        return RemoteEngine.from_config(model, cfg)
     if name == "fake" or model.kind == "fake":
         from localcoder.engines.fake import FakeEngine
 

@@ -1,0 +1,85 @@
+"""Overhead of ``localcoder serve --engine remote`` against a direct request to the same server.
+
+    python docs/measure_remote.py --remote http://127.0.0.1:8080 --serve http://127.0.0.1:8765 -n 30
+
+For each round: one ``POST /infill`` through localcoder (prompt built, tokenized, sent as token ids,
+streamed back, stop rules applied), then one direct ``POST /v1/completions`` to the remote with the
+same token prompt and ``max_tokens`` equal to the tokens localcoder's request generated (so both do
+the same work; the prompt is cached by the remote after the first round in both paths). Reports p50
+of each and the p50 of the per-round difference: the latency the remote path adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import httpx
+
+PREFIX = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    "
+SUFFIX = "\n\n\ndef main():\n    print(fibonacci(10))\n"
+
+
+def token_prompt(model: str, prefix: str, suffix: str) -> list[int]:
+    """The token ids localcoder sends for this request (the model's FIM format, budgets as default)."""
+    from localcoder.completion import Completer, InfillRequest
+    from localcoder.engines.remote import local_tokenizer
+    from localcoder.models import resolve
+
+    tok = local_tokenizer(resolve(model))
+
+    class _TokenizerOnly:  # Completer.prompt needs only the tokenizer
+        name, model_name, device, n_ctx, tokenizer = "remote", model, "remote", 4096, tok
+
+    ids, _ = Completer(_TokenizerOnly(), None).prompt(InfillRequest(prefix=prefix, suffix=suffix))  # type: ignore[arg-type]
+    return ids
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def measure(remote: str, serve: str, model: str = "qwen2.5-coder-0.5b", n: int = 30, max_tokens: int = 16,
+            prefix: str = PREFIX, suffix: str = SUFFIX) -> dict[str, Any]:
+    ids = token_prompt(model, prefix, suffix)
+    body = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": max_tokens, "temperature": 0}
+    serve_ms, direct_ms, added = [], [], []
+    with httpx.Client(timeout=60) as http:
+        for _ in range(n + 1):  # the first round warms both caches and is dropped
+            t0 = time.perf_counter()
+            r = http.post(f"{serve}/infill", json=body)
+            through = _ms(t0)
+            r.raise_for_status()
+            predicted = max(1, int(r.json()["timings"]["predicted_n"]))
+            direct_body = {"prompt": ids, "max_tokens": predicted, "temperature": 0, "top_k": 1, "stream": True,
+                           "cache_prompt": True}
+            t0 = time.perf_counter()
+            with http.stream("POST", f"{remote}/v1/completions", json=direct_body) as d:
+                for _line in d.iter_lines():
+                    pass
+            direct = _ms(t0)
+            serve_ms.append(through)
+            direct_ms.append(direct)
+            added.append(through - direct)
+    serve_ms, direct_ms, added = serve_ms[1:], direct_ms[1:], added[1:]
+    return {"n": n, "prompt_tokens": len(ids), "p50_serve_ms": round(statistics.median(serve_ms), 2),
+            "p50_direct_ms": round(statistics.median(direct_ms), 2),
+            "p50_added_ms": round(statistics.median(added), 2), "load": os.getloadavg()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--remote", required=True)
+    p.add_argument("--serve", required=True)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("-n", type=int, default=30)
+    args = p.parse_args()
+    print(json.dumps(measure(args.remote, args.serve, args.model, args.n), indent=2))
+
+
+if __name__ == "__main__":
+    main()
