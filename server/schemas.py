@@ -20,6 +20,7 @@ from localcoder.config import CompletionConfig
 from localcoder.engines.base import Sampling
 from localcoder.errors import InvalidRequest
 from localcoder.fim.formats import FimFormat, Snippet
+from localcoder.text import clean
 
 MAX_STOP_WORDS = 16
 MAX_SNIPPETS = 64
@@ -39,6 +40,9 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                              param="body") from None
+    except RecursionError:
+        raise InvalidRequest("the JSON body is nested too deeply: no request of ours nests more than a "
+                             "few levels", param="body") from None
     if not isinstance(obj, dict):
         raise InvalidRequest("the request body must be a JSON object", param="body")
     return obj
@@ -160,6 +164,7 @@ class InfillCall:
     stream: bool
     response_fields: list[str] | None
     slot: int | None  # llama.cpp id_slot: a client's lane (supersedes its previous request)
+    lane: str | None = None  # our extension: a named lane (the LSP's document), wins over id_slot
 
 
 def parse_infill(obj: dict, defaults: CompletionConfig) -> InfillCall:
@@ -174,15 +179,31 @@ def parse_infill(obj: dict, defaults: CompletionConfig) -> InfillCall:
         prefix=get_str(obj, "input_prefix") + get_str(obj, "prompt"),
         suffix=get_str(obj, "input_suffix"),
         snippets=extra,
-        mode=defaults.mode,
         max_tokens=get_int(obj, "n_predict", defaults.max_tokens, 0, MAX_TOKENS_LIMIT),
         time_budget_ms=get_int(obj, "t_max_predict_ms", defaults.time_budget_ms, 0, 600_000),
         stop=get_stop(obj),
         sampling=get_sampling(obj),
         indent=indent or None,
         cache_prompt=get_bool(obj, "cache_prompt", True),
+        **_localcoder_fields(obj, defaults),
     )
-    return InfillCall(req, get_bool(obj, "stream", False), fields, slot if slot >= 0 else None)
+    lane = get_str(obj, "lane") or None
+    return InfillCall(req, get_bool(obj, "stream", False), fields, slot if slot >= 0 else None, lane)
+
+
+def _localcoder_fields(obj: dict, defaults: CompletionConfig) -> dict[str, Any]:
+    """Fields our own HTTP client sends to /infill so a remote request equals a local one: the
+    file's path, repo and language, the mode, the FIM order and the context budget."""
+    from localcoder.fim.context import Budget
+
+    out: dict[str, Any] = {"mode": get_str(obj, "mode", defaults.mode) or defaults.mode}
+    for key in ("path", "repo", "language", "order"):
+        out[key] = get_str(obj, key) or None
+    if any(k in obj for k in ("prefix_tokens", "suffix_tokens", "extra_tokens")):
+        out["budget"] = Budget(get_int(obj, "prefix_tokens", defaults.prefix_tokens, 0, 1 << 20),
+                               get_int(obj, "suffix_tokens", defaults.suffix_tokens, 0, 1 << 20),
+                               get_int(obj, "extra_tokens", defaults.extra_tokens, 0, 1 << 20))
+    return out
 
 
 def infill_response(result, model: str, slot: int | None) -> dict[str, Any]:
@@ -255,8 +276,8 @@ def parse_openai(obj: dict, defaults: CompletionConfig, fmt: FimFormat) -> OpenA
     if unknown:
         raise InvalidRequest(f"unrecognized request argument: {unknown[0]}", param=unknown[0])
     _reject_unsupported(obj)
-    prompt = _single_prompt(obj)
-    suffix = get_str(obj, "suffix")
+    prompt = clean(_single_prompt(obj))  # before the raw-FIM split looks for the markers
+    suffix = clean(get_str(obj, "suffix"))
     if any(marker in prompt for marker in (fmt.prefix, fmt.suffix, fmt.middle)):
         prompt, suffix = _split_raw_fim(prompt, suffix, fmt)
     req = InfillRequest(
