@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 
+from localcoder.cliargs import add_dataclass_arguments
 from localcoder.distill.config import PRESETS, DistillConfig
 
+# help where the field's comment in config.py is missing or terse; every other flag's help is that comment
 _HELP = {
     "teacher": "teacher model: name, path or hub id",
     "student": "start from this HF model (same tokenizer) instead of pruning the teacher",
@@ -30,41 +30,21 @@ _HELP = {
 }
 
 
-def _field_comments() -> dict[str, str]:
-    """The ``# comment`` after each DistillConfig field (config.py documents every field once, there)."""
-    import inspect
-    import re
-
-    src = inspect.getsource(DistillConfig)
-    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", src, re.M)}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a machine class")
     p.add_argument("--config", help="TOML file with the same keys (optionally under [distill])")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    hints = typing.get_type_hints(DistillConfig)
-    comments = _field_comments()
-    for f in dataclasses.fields(DistillConfig):
-        if f.name == "preset":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        typ = hints[f.name]
-        help_text = _HELP.get(f.name) or comments.get(f.name) or f.name.replace("_", " ")
-        help_text = help_text.replace("%", "%%")
-        if typ is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif typing.get_origin(typ) is list:
-            p.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_text)
-        else:
-            p.add_argument(flag, dest=f.name, type=typ, default=None, help=help_text)
+    add_dataclass_arguments(p, DistillConfig, exclude=("preset",),
+                            overrides={name: {"help": text} for name, text in _HELP.items()})
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    from localcoder.distill.config import field_names, load
+    from localcoder.cliargs import values_from_args
+    from localcoder.distill.config import load
 
-    overrides = {k: getattr(args, k, None) for k in field_names() if k != "preset"}
+    overrides = values_from_args(args, DistillConfig)
+    overrides.pop("preset", None)  # --preset picks the defaults; it is not an override
     return load(args.preset or "", args.config, overrides)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from lsprotocol import types
 
 from localcoder.lsp.documents import Document
+from localcoder.stats import percentile
 
 WORD_END = set(" \n\t.,:;()[]{}=")
 
@@ -36,11 +37,6 @@ def proc_memory_mib(pid: int) -> dict[str, float]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = round(int(value.split()[0]) / 1024, 1)
     return {"rss_mib": fields.get("VmRSS", 0.0), "peak_rss_mib": fields.get("VmHWM", 0.0)}
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] if s else float("nan")
 
 
 def window(text: str, before: int = 48, after: int = 24, chars: int = 120) -> tuple[str, str, str]:

@@ -17,13 +17,15 @@ from localcoder.errors import InvalidRequest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Transport flags, then one flag per LspConfig and CompletionConfig field, then the model flags."""
+    from localcoder.cliargs import add_dataclass_arguments
+    from localcoder.config import CompletionConfig, LspConfig
+
     p.add_argument("--stdio", action="store_true", help="talk LSP over stdin/stdout (the default)")
     p.add_argument("--tcp", metavar="HOST:PORT", help="listen on a TCP socket instead of stdio")
-    p.add_argument("--server-url", dest="server_url", help="use a running `localcoder serve` (http://127.0.0.1:8765)")
-    p.add_argument("--debounce-ms", dest="debounce_ms", type=int, help="server-side debounce of automatic triggers")
-    p.add_argument("--mode", choices=["auto", "single", "multi"], help="completion mode")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, help="maximum generated tokens")
     p.add_argument("--log-level", dest="log_level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
+    add_dataclass_arguments(p.add_argument_group("language server"), LspConfig)
+    add_dataclass_arguments(p.add_argument_group("completion"), CompletionConfig)
     add_model_arguments(p)
 
 
@@ -56,7 +58,7 @@ def protocol_streams() -> tuple[BinaryIO, BinaryIO]:
 def run(args: argparse.Namespace) -> int:
     from localcoder.lsp.server import create_server
 
-    cfg = config_from_args(args, extra=("server_url", "debounce_ms", "mode", "max_tokens"))
+    cfg = config_from_args(args)
     tcp = parse_tcp(args.tcp) if args.tcp else None
     setup_logging(args.log_level)
     server = create_server(cfg)

@@ -23,18 +23,17 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-from localcoder.config import Config, field_names
+from localcoder.config import Config, ModelConfig, field_names
 from localcoder.errors import InvalidRequest
 
 log = logging.getLogger("localcoder.lsp")
 
 ALIASES = {"context_tokens": "extra_tokens", "url": "server_url", "debounce": "debounce_ms"}
 CLIENT_ONLY = {"enabled", "command", "extra_args", "cmd", "keymaps", "filetypes", "native", "trace"}
-RELOAD_FIELDS = {"model", "engine", "threads", "ctx", "batch", "device", "gpu_layers", "quantization",
-                 "fim_format", "fim_order", "server_url"}
+RELOAD_FIELDS = {f.name for f in fields(ModelConfig)} | {"server_url"}
 
 
 def snake(key: str) -> str:
@@ -97,9 +96,7 @@ def _get(cfg: Config, name: str) -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    c = cfg.completion
-    if c.mode not in ("auto", "single", "multi"):
-        raise InvalidRequest(f"setting 'mode' must be auto, single or multi, got {c.mode!r}", param="mode")
+    c = cfg.completion  # choices (mode, engine, ...) were checked by Config.set, once per field
     for name in ("max_tokens", "time_budget_ms", "prefix_tokens", "suffix_tokens", "extra_tokens"):
         if getattr(c, name) < 0:
             raise InvalidRequest(f"setting {name!r} must be >= 0", param=name)

@@ -17,6 +17,9 @@ DEFAULT_TYPE = {"gguf": "q8_0", "onnx": "int8", "hf": "fp32", "bnb": "nf4"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from localcoder.cliargs import add_dataclass_arguments
+    from localcoder.quantize.gate import GateConfig  # numpy, but no torch
+
     p.add_argument("model", help="source: model name, GGUF file or HF directory (e.g. qwen2.5-coder-0.5b)")
     p.add_argument("--to", required=True, choices=["gguf", "onnx", "hf", "bnb"],
                    help="gguf (llama.cpp) | onnx (onnxruntime) | hf (pruned safetensors) | bnb (CUDA torch config)")
@@ -28,22 +31,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-register", action="store_true", help="do not add the artifact to `localcoder models`")
     p.add_argument("--keep", default="lm_head",
                    help="onnx: comma-separated node-name patterns kept in fp32 (default lm_head; '' = none)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g = p.add_argument_group("quality gate")
     g.add_argument("--no-gate", action="store_true", help="skip the quality gate (no report numbers)")
     g.add_argument("--force", action="store_true", help="register and exit 0 even when the gate fails")
-    g.add_argument("--threshold", type=float, default=2.0, help="max ES drop in points (default 2)")
-    g.add_argument("--min-top1", type=float, default=0.6, help="min top-1 agreement with the source")
-    g.add_argument("--max-kl", type=float, default=1.0, help="max mean KL to the source, nats/token")
-    g.add_argument("--n-humaneval", type=int, default=60, help="HumanEval single-line tasks (default 60)")
-    g.add_argument("--n-heldout", type=int, default=40, help="held-out single-line cases (default 40)")
-    g.add_argument("--heldout", nargs="*", help="source dirs for held-out cases (default: Python stdlib)")
-    g.add_argument("--calib", nargs="*", help="source dirs for calibration code (default: Python stdlib)")
-    g.add_argument("--calib-seqs", type=int, default=6, help="calibration windows of 256 tokens")
-    g.add_argument("--fim-max-tokens", type=int, help="max tokens per FIM case (default: the eval default, 48)")
-    g.add_argument("--no-exec", action="store_true", help="do not execute HumanEval tests (no pass@1)")
+    g.add_argument("--threshold", type=float,
+                   help=f"max ES drop in points (default {100 * GateConfig.threshold:g})")
+    add_dataclass_arguments(g, GateConfig, exclude=("threshold", "progress"))
     g.add_argument("--report", help="report path without extension (default: <out>.report)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def gate_config(args: argparse.Namespace):
+    """The gate's settings (GateConfig): its defaults < the flags given (--threshold is in points)."""
+    from localcoder.cliargs import values_from_args
+    from localcoder.quantize.gate import GateConfig
+
+    values = values_from_args(args, GateConfig)
+    if args.threshold is not None:
+        values["threshold"] = args.threshold / 100.0
+    return GateConfig(**values, progress=not args.quiet)
 
 
 def source_hf_dir(spec: str, progress: bool):
@@ -92,14 +98,14 @@ def prune_to(src: Path, out: Path, spec: str, calib_paths, threads: int, progres
     return result.to_dict()
 
 
-def export(to: str, type: str, model_dir: Path, out: Path, args, progress: bool):
+def export(to: str, type: str, model_dir: Path, out: Path, args, threads: int, progress: bool):
     """Write the artifact; returns (Artifact for the gate or None, extra report fields)."""
     from localcoder.quantize.gate import Artifact
 
     if to == "gguf":
         from localcoder.quantize.gguf import export_gguf
 
-        res = export_gguf(model_dir, out, type, name=args.name or out.stem, threads=args.threads, progress=progress)
+        res = export_gguf(model_dir, out, type, name=args.name or out.stem, threads=threads, progress=progress)
         return Artifact(f"gguf {type}", "gguf", res.path, type)
     if to == "onnx":
         from localcoder.quantize.onnx import export_onnx
@@ -117,10 +123,11 @@ def export(to: str, type: str, model_dir: Path, out: Path, args, progress: bool)
 def run(args: argparse.Namespace) -> int:
     from localcoder import models
     from localcoder.quantize.bnb import cuda_status
-    from localcoder.quantize.gate import GateConfig, run_gate
+    from localcoder.quantize.gate import run_gate
     from localcoder.quantize.report import write_report
 
     progress = not args.quiet
+    gate = gate_config(args)
     type = (args.type or DEFAULT_TYPE[args.to]).lower()
     out = Path(args.out).expanduser().resolve()
     source, src_dir = source_hf_dir(args.model, progress)
@@ -128,12 +135,12 @@ def run(args: argparse.Namespace) -> int:
     model_dir = src_dir
     if args.prune:
         model_dir = out if args.to == "hf" else out.with_name(f"{out.stem}-pruned-hf")
-        extra["prune"] = prune_to(src_dir, model_dir, args.prune, args.calib, args.threads, progress)
+        extra["prune"] = prune_to(src_dir, model_dir, args.prune, gate.calib_paths, gate.threads, progress)
     elif args.to == "hf":
         from localcoder.errors import InvalidRequest
 
         raise InvalidRequest("--to hf writes a pruned HF model; give --prune", param="prune")
-    artifact = export(args.to, type, model_dir, out, args, progress)
+    artifact = export(args.to, type, model_dir, out, args, gate.threads, progress)
     print(f"wrote {artifact.path}", file=sys.stderr)
 
     passed: bool | None = None
@@ -143,12 +150,7 @@ def run(args: argparse.Namespace) -> int:
               "the quality gate needs to load it, so it was skipped. Load it on a CUDA machine with "
               "`localcoder serve --engine torch --device cuda`.", file=sys.stderr)
     elif not args.no_gate:
-        cfg = GateConfig(threshold=args.threshold / 100.0, min_top1=args.min_top1, max_kl=args.max_kl,
-                         n_humaneval=args.n_humaneval, n_heldout=args.n_heldout, heldout_paths=args.heldout,
-                         calib_paths=args.calib, calib_seqs=args.calib_seqs, execute=not args.no_exec,
-                         fim_max_tokens=args.fim_max_tokens,
-                         threads=args.threads, progress=progress)
-        report = run_gate(src_dir, [artifact], cfg, cache_dir=models.home() / "gate-cache").to_dict()
+        report = run_gate(src_dir, [artifact], gate, cache_dir=models.home() / "gate-cache").to_dict()
         report.update(extra)
         md, _ = write_report(report, args.report or out.with_name(out.name + ".report"),
                              f"localcoder quantize: {source.name} -> {artifact.label}")

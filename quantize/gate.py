@@ -32,21 +32,28 @@ from localcoder.errors import InvalidRequest
 
 @dataclass
 class GateConfig:
+    # `localcoder quantize` makes its quality-gate flags from these fields (localcoder.cliargs): the help is
+    # the comment or metadata["help"]; metadata["cli"] renames a flag. --threshold is hand-made (points there).
     threshold: float = 0.02  # max ES drop (ES in 0..1), 2 points
-    min_top1: float = 0.6  # sanity floor on next-token agreement with the source
-    max_kl: float = 1.0  # sanity ceiling, nats per token
+    min_top1: float = 0.6  # sanity floor: min top-1 (next-token argmax) agreement with the source
+    max_kl: float = 1.0  # sanity ceiling: max mean KL(source || artifact), nats per token
     n_humaneval: int = 60  # HumanEval single-line tasks (random.Random(seed).sample)
     n_heldout: int = 40  # held-out single-line cases
-    heldout_paths: Sequence[str] | None = None  # default: the CPython standard library
-    calib_paths: Sequence[str] | None = None
-    calib_seqs: int = 6
-    calib_len: int = 256
+    heldout_paths: Sequence[str] | None = field(default=None, metadata={
+        "help": "source dirs for held-out cases (default: the Python standard library)",
+        "cli": {"flags": ("--heldout",), "nargs": "*"}})
+    calib_paths: Sequence[str] | None = field(default=None, metadata={
+        "help": "source dirs for calibration code (default: the Python standard library)",
+        "cli": {"flags": ("--calib",), "nargs": "*"}})
+    calib_seqs: int = 6  # calibration windows (of calib_len tokens each)
+    calib_len: int = 256  # tokens per calibration window
     speed_prompt: int = 512  # tokens in the cold prefill measured for speed
     speed_decode: int = 64  # tokens decoded for speed
-    execute: bool = True  # run HumanEval tests for pass@1
-    fim_max_tokens: int | None = None  # None: the eval runner's default (48 single-line)
-    threads: int = 0
-    seed: int = 0
+    execute: bool = field(default=True, metadata={
+        "help": "run HumanEval tests for pass@1 (--no-exec: do not)", "cli": {"flags": ("--exec",)}})
+    fim_max_tokens: int | None = None  # max tokens per FIM case (default: the eval runner's, 48 single-line)
+    threads: int = 0  # CPU threads for export and gate (0 = all)
+    seed: int = 0  # seed of the case and calibration samples
     progress: bool = True
 
 

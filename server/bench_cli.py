@@ -8,20 +8,38 @@ import sys
 from pathlib import Path
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in value.split(",") if x)
+
+
+# BenchConfig (localcoder.bench) documents few of its fields; their flag help lives here.
+_FLAGS = {
+    "model": {"flags": ("--model", "-m"), "help": "registry name or GGUF path (or 'fake')",
+              "show_default": "qwen2.5-coder-0.5b"},
+    "threads": {"help": "CPU threads for both servers"},
+    "ctx": {"help": "context window for both servers"},
+    "contexts": {"type": _int_list, "nargs": None, "metavar": "N,N,...",
+                 "help": "cold-request context sizes in tokens", "show_default": "256,1024,2048"},
+    "cold_repeats": {"flags": ("--repeats",), "help": "cold requests per context size"},
+    "cold_suffix_tokens": {"help": "suffix tokens of each cold request"},
+    "typing_file": {"help": "source file to type (default: the stdlib's textwrap.py)"},
+    "typing_chars": {"help": "characters to type"},
+    "window_lines_before": {"help": "lines above the typing cursor sent as prefix"},
+    "window_lines_after": {"help": "lines below the typing cursor sent as suffix"},
+    "debounce_ms": {"help": "editor debounce added to each pause"},
+    "max_tokens": {"help": "generated-token limit per request (both targets)"},
+    "peer": {"help": "also bench llama-cpp-python's server (--no-peer skips it)"},
+    "url": {"help": "bench a running `localcoder serve` at this URL instead of starting one"},
+    "api_key": {"help": "key for --url"},
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default="qwen2.5-coder-0.5b", help="registry name or GGUF path (or 'fake')")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for both servers")
-    p.add_argument("--ctx", type=int, default=4096, help="context window for both servers")
-    p.add_argument("--contexts", default="256,1024,2048", help="cold-request context sizes in tokens")
-    p.add_argument("--repeats", type=int, default=2, help="cold requests per context size")
-    p.add_argument("--typing-file", default="", help="source file to type (default: the stdlib's textwrap.py)")
-    p.add_argument("--typing-chars", type=int, default=200, help="characters to type")
-    p.add_argument("--debounce-ms", type=int, default=150, help="editor debounce added to each pause")
-    p.add_argument("--max-tokens", type=int, default=24, help="generated-token limit per request (both targets)")
-    p.add_argument("--suffix-tokens", type=int, default=64, help="localcoder's suffix budget")
-    p.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python's server")
-    p.add_argument("--url", default="", help="bench a running `localcoder serve` at this URL instead of starting one")
-    p.add_argument("--api-key", default="", help="key for --url")
+    """One flag per BenchConfig field (localcoder.cliargs), plus how to run and where to write."""
+    from localcoder.bench import BenchConfig
+    from localcoder.cliargs import add_dataclass_arguments
+
+    add_dataclass_arguments(p, BenchConfig, overrides=_FLAGS)
     p.add_argument("--quick", action="store_true", help="tiny run (tests): contexts 64,128, 1 repeat, 40 chars")
     p.add_argument("--out", default="bench-out", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -29,17 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace):
     from localcoder.bench import BenchConfig
+    from localcoder.cliargs import values_from_args
+    from localcoder.config import ModelConfig
 
-    model = args.model
+    values = values_from_args(args, BenchConfig)
+    model = values.pop("model", ModelConfig().model)
     if model != "fake" and not Path(model).is_file():
         from localcoder.models import resolve
 
         model = str(resolve(model, pull_if_missing=True).path)
-    cfg = BenchConfig(model=model, threads=args.threads, ctx=args.ctx,
-                      contexts=tuple(int(x) for x in args.contexts.split(",") if x),
-                      cold_repeats=args.repeats, typing_file=args.typing_file, typing_chars=args.typing_chars,
-                      debounce_ms=args.debounce_ms, max_tokens=args.max_tokens, suffix_tokens=args.suffix_tokens,
-                      peer=not args.no_peer, url=args.url, api_key=args.api_key)
+    cfg = BenchConfig(model=model, **values)
     if args.quick:
         cfg.contexts, cfg.cold_repeats, cfg.typing_chars, cfg.max_tokens = (64, 128), 1, 40, 8
     return cfg
