@@ -5,6 +5,7 @@ import pytest
 from localcoder.completion import Completer, InfillRequest
 from localcoder.engines.base import CancelToken, Sampling
 from localcoder.engines.fake import FakeEngine
+from localcoder.engines.kvcache import common_prefix_len
 from localcoder.errors import InvalidRequest
 from localcoder.fim.context import Budget
 from localcoder.fim.formats import Snippet
@@ -52,6 +53,7 @@ def test_max_tokens_limit_and_stop_words():
 
 def test_kv_prefix_reuse_is_reported_when_the_user_types_more():
     eng, c = make("x")
+    c.model_orders = ("spm",)  # a model that declares spm (an adapter trained for it)
     first = c.complete(InfillRequest("import os\n\ndef main():\n    pa", "\n", order="spm"))
     second = c.complete(InfillRequest("import os\n\ndef main():\n    path", "\n", order="spm"))
     assert first.tokens_cached == 0
@@ -88,7 +90,7 @@ def test_snippets_and_path_go_into_the_prompt_within_budget():
     assert "<|file_sep|>main.py\n<|fim_prefix|>a = " in prompt
 
 
-def test_long_prefix_is_cut_at_a_stable_chunk_boundary_and_reported():
+def test_long_prefix_is_cut_at_a_stable_boundary_and_reported():
     eng, c = make("x")
     c.budget = Budget(prefix_tokens=400, suffix_tokens=50, extra_tokens=0)
     lines = [f"line_{i:03d} = {i}\n" for i in range(100)]
@@ -97,7 +99,21 @@ def test_long_prefix_is_cut_at_a_stable_chunk_boundary_and_reported():
     r2 = c.complete(InfillRequest("".join(lines) + "x = 1", "tail\n" * 50))
     start2 = eng.prompts[-1].split("<|fim_prefix|>")[1].split("\n")[0]
     assert r1.truncated and r2.truncated
-    assert start1 == start2 and int(start1.split("_")[1][:3]) % 16 == 0
+    assert start1 == start2 and start1.startswith("line_")
+
+
+def test_typing_at_the_end_of_a_long_file_moves_the_window_only_in_coarse_steps():
+    eng, c = make("x")
+    c.budget = Budget(prefix_tokens=400, suffix_tokens=50, extra_tokens=0)
+    head = "".join(f"value_{i:03d} = compute({i})\n" for i in range(60))  # ~1,600 byte tokens
+    typed = "".join(f"extra_{i} = {i}\n" for i in range(30))  # ~400 more, typed one character at a time
+    prompts = [c.prompt(InfillRequest(head + typed[:n], ""))[0] for n in range(len(typed) + 1)]
+    moved = 0
+    for a, b in zip(prompts, prompts[1:]):
+        # all but the marker after the prefix (PSM, empty suffix) is shared, except where the start moved
+        moved += common_prefix_len(a, b) < len(a) - 2
+    assert 1 <= moved <= len(typed) // (400 // 4) + 1  # ~ one move per quarter budget typed, not per keystroke
+    assert all(len(p) <= 400 + 3 for p in prompts)
 
 
 @pytest.mark.parametrize("field,kwargs", [
@@ -115,3 +131,12 @@ def test_raw_prompts_with_fim_markers_are_split_back():
     _, c = make("x")
     assert c.parse_raw_fim("<|fim_prefix|>a = <|fim_suffix|>\nb<|fim_middle|>") == ("a = ", "\nb")
     assert c.parse_raw_fim("plain text") is None
+
+
+def test_an_order_the_model_was_not_trained_for_is_refused():
+    _, c = make("x")
+    with pytest.raises(InvalidRequest) as err:
+        c.complete(InfillRequest("a", "b", order="spm"))
+    assert err.value.param == "fim_order" and "trained for psm only" in str(err.value)
+    c.model_orders = ("spm2",)
+    assert c.complete(InfillRequest("a", "b", order="spm2")).text == "x"

@@ -38,6 +38,8 @@ def test_psm_and_spm_orders_place_the_markers():
     spm = f.build(tok, tok.tokenize("AB"), tok.tokenize("CD"), order="spm")
     assert psm == [m["prefix"], 65, 66, m["suffix"], 67, 68, m["middle"]]
     assert spm == [m["suffix"], 67, 68, m["prefix"], 65, 66, m["middle"]]
+    spm2 = f.build(tok, tok.tokenize("AB"), tok.tokenize("CD"), order="spm2")
+    assert spm2 == [m["prefix"], m["suffix"], 67, 68, m["middle"], 65, 66]  # StarCoder's SPM v2
     with pytest.raises(InvalidRequest):
         f.build(tok, [], [], order="mps")
 
@@ -72,3 +74,18 @@ def test_unknown_format_name_is_rejected_with_the_known_names():
     with pytest.raises(InvalidRequest, match="known: qwen"):
         get_format("gpt-2")
     assert get_format("starcoder2").name == "starcoder"
+
+
+def test_an_order_the_format_was_not_trained_for_is_refused_unless_declared():
+    from localcoder.fim.formats import resolve_order
+
+    qwen = get_format("qwen")
+    assert resolve_order(qwen, "auto") == "psm" and resolve_order(qwen, "psm") == "psm"
+    for order in ("spm", "spm2"):
+        with pytest.raises(InvalidRequest) as err:
+            resolve_order(qwen, order)
+        assert err.value.param == "fim_order" and "psm only" in str(err.value)
+        assert resolve_order(qwen, order, declared=(order,)) == order
+    assert resolve_order(get_format("starcoder"), "spm") == "spm"  # trained for it
+    with pytest.raises(InvalidRequest):
+        resolve_order(qwen, "mps", declared=("mps",))
