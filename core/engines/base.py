@@ -17,7 +17,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from localcoder.engines.speculative import Speculation
+    from localcoder.fim.healing import Heal
 
 
 class CancelToken:
@@ -50,6 +54,8 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()
     cancel: CancelToken = field(default_factory=CancelToken)
     cache_prompt: bool = True  # False: evaluate the whole prompt (no KV reuse)
+    chunk_tokens: int = 0  # prefill chunk size (0 = the engine's batch); small for background prefill
+    heal: "Heal | None" = None  # token healing: the first tokens must spell heal.text (localcoder.fim.healing)
 
 
 @dataclass
@@ -61,6 +67,9 @@ class Timings:
     predicted_ms: float = 0.0
     cancelled: bool = False
     stopped_by_token: bool = False  # a stop token ended generation
+    draft_n: int = 0  # speculative decoding: drafted tokens verified by the target
+    draft_accepted_n: int = 0  # of those, accepted (equal to the target's own choice)
+    target_forwards: int = 0  # target forwards during speculative decoding (tokens per forward)
 
     @property
     def evaluated_n(self) -> int:
@@ -78,6 +87,10 @@ class Timings:
             "predicted_ms": round(self.predicted_ms, 3),
             "predicted_per_second": rate(self.predicted_n, self.predicted_ms),
             "cache_n": self.cached_n,
+            "draft_n": self.draft_n,
+            "draft_n_accepted": self.draft_accepted_n,
+            "tokens_per_forward": round((self.predicted_n - 1) / self.target_forwards, 3)
+            if self.target_forwards else 0.0,
         }
 
 
@@ -137,6 +150,8 @@ def check_request(request: GenerationRequest, n_ctx: int) -> None:
         raise InvalidRequest("the prompt is empty", param="prompt")
     if request.max_tokens < 0:
         raise InvalidRequest("max_tokens must be >= 0", param="max_tokens")
+    if request.chunk_tokens < 0:
+        raise InvalidRequest("chunk_tokens must be >= 0", param="chunk_tokens")
     if len(request.tokens) + request.max_tokens > n_ctx:
         raise ContextTooLong(
             f"prompt ({len(request.tokens)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
@@ -154,13 +169,15 @@ class Stopwatch:
 
 
 def run_tokens(request: GenerationRequest, timings: Timings, keep: int, n_batch: int,
-               forward: Callable[[list[int]], "object"], reset: Callable[[], None]) -> Iterator[int]:
+               forward: Callable[[list[int]], "object"], reset: Callable[[], None],
+               spec: "Speculation | None" = None) -> Iterator[int]:
     """The token loop every backend shares.
 
     Evaluates ``request.tokens[keep:]`` in chunks of ``n_batch`` with ``forward(ids) -> (V,) logits
     of the last position`` (the backend appends to its KV cache), then samples one token per step,
     feeding it back through ``forward``. Checks cancellation between prefill chunks and between
     tokens; fills ``timings``. ``reset`` drops the backend's cache if evaluation fails midway.
+    ``spec`` (a backend that can verify drafts in one batch) turns on speculative decoding at greedy.
     """
     import numpy as np
 
@@ -171,22 +188,36 @@ def run_tokens(request: GenerationRequest, timings: Timings, keep: int, n_batch:
     clock = Stopwatch()
     logits = None
     try:
-        for i in range(keep, len(prompt), n_batch):
+        chunk = min(n_batch, request.chunk_tokens or n_batch)
+        for i in range(keep, len(prompt), chunk):
             if request.cancel.cancelled:
                 timings.cancelled = True
                 return
-            logits = forward(prompt[i: i + n_batch])
+            logits = forward(prompt[i: i + chunk])
             timings.prompt_ms = clock.ms()
     except BaseException:
         reset()
         raise
     rng = np.random.default_rng(request.sampling.seed)
+
+    healer = request.heal.start() if request.heal is not None else None
+
+    def choose(row, step: int) -> int:  # the one token choice, for plain and speculative decoding
+        if healer is not None:  # token healing: mask the tokens that do not spell what was backed off
+            return healer.choose(row, step, lambda r: sample_token(r, request.sampling, rng))
+        return sample_token(row, request.sampling, rng)  # type: ignore[arg-type]
+
     clock = Stopwatch()
+    if spec is not None and request.sampling.temperature <= 0 and request.max_tokens > 0:
+        from localcoder.engines.speculative import decode
+
+        yield from decode(request, timings, logits, forward, spec, choose, clock)  # type: ignore[arg-type]
+        return
     for step in range(request.max_tokens):
         if request.cancel.cancelled:
             timings.cancelled = True
             return
-        token = sample_token(logits, request.sampling, rng)  # type: ignore[arg-type]
+        token = choose(logits, step)
         timings.predicted_n += 1
         if token in request.stop_token_ids:
             timings.stopped_by_token = True

@@ -1,4 +1,4 @@
-"""Token-exact KV-cache reuse: how much of a new prompt the cache already holds."""
+"""Token-exact KV-cache reuse: how much of a new prompt the cache already holds, and which slot holds it."""
 
 from __future__ import annotations
 
@@ -36,3 +36,45 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.tokens.clear()
+
+
+class SlotTable:
+    """Several token-exact caches (one per llama.cpp sequence) and the rule that picks one per request.
+
+    A request goes to the slot whose tokens share the longest common prefix with it, provided that prefix
+    covers at least ``similarity`` of the shorter of the two (like llama-server's
+    ``--slot-prompt-similarity``: the same document, not just a shared header; measured against the
+    shorter so that a slot holding a prompt plus its completion still matches that prompt alone);
+    otherwise to the least recently used slot
+    (never-used slots first). Each slot's ``PrefixCache`` then plans the token-exact reuse, so a slot
+    that holds other text only ever contributes the tokens that are identical.
+    """
+
+    def __init__(self, n_slots: int, similarity: float = 0.5) -> None:
+        if n_slots < 1:
+            raise ValueError("a slot table needs at least one slot")
+        self.slots = [PrefixCache() for _ in range(n_slots)]
+        self.similarity = similarity
+        self._last_used = [0] * n_slots  # 0 = never used
+        self._clock = 0
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def choose(self, prompt: Sequence[int]) -> int:
+        """Index of the slot for ``prompt`` (marks it most recently used)."""
+        best, best_len = -1, 0
+        for i, slot in enumerate(self.slots):
+            n = common_prefix_len(slot.tokens, prompt)
+            if n > best_len and n >= self.similarity * min(len(slot.tokens), len(prompt)):
+                best, best_len = i, n
+        if best < 0:
+            best = min(range(len(self.slots)), key=lambda i: self._last_used[i])
+        self._clock += 1
+        self._last_used[best] = self._clock
+        return best
+
+    def clear(self) -> None:
+        for slot in self.slots:
+            slot.clear()
+        self._last_used = [0] * len(self.slots)

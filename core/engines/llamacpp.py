@@ -1,8 +1,11 @@
-"""llama.cpp backend (llama-cpp-python): CPU, or CUDA when the wheel is built with it.
+"""llama.cpp backend (llama-cpp-python's low-level API): CPU, or CUDA when the wheel is built with it.
 
-Drives the model token by token through ``Llama.eval`` so it can (a) reuse the KV cache for the
-longest common token prefix with the previous prompt, (b) stop between prefill chunks and between
-decoded tokens when cancelled, and (c) time prefill and decode separately.
+One llama.cpp context holds ``cache_slots`` sequences (``n_seq_max``, a KV stream each, ``n_ctx``
+cells per slot). Each request goes to a slot (``SlotTable``: longest shared prefix, else least
+recently used) and is driven token by token through ``llama_decode`` so the engine can (a) reuse that
+slot's KV cache for the longest common token prefix, (b) stop between prefill chunks and between
+decoded tokens when cancelled, (c) time prefill and decode separately, and (d) verify speculative
+drafts in one batch with logits at every position, rolling rejected ones back (``llama_memory_seq_rm``).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import Iterator
 import numpy as np
 
 from localcoder.engines.base import GenerationRequest, Timings, TokenStream, check_request, run_tokens
-from localcoder.engines.kvcache import PrefixCache
-from localcoder.errors import BackendUnavailable, ModelCorrupt
+from localcoder.engines.kvcache import PrefixCache, SlotTable
+from localcoder.errors import BackendUnavailable, InvalidRequest, ModelCorrupt
+
+_F16_BYTES = 2  # llama.cpp's default K/V cache type
 
 
 def _import_llama():
@@ -30,13 +35,15 @@ def _import_llama():
 
 
 class LlamaTokenizer:
+    """Tokenizer of a loaded llama.cpp model (a ``llama_cpp.Llama`` or its ``_internals.LlamaModel``)."""
+
     def __init__(self, llm) -> None:
         import llama_cpp
 
-        self._llm = llm
+        self._model = getattr(llm, "_model", llm)
         self._lib = llama_cpp
-        self._vocab = llm._model.vocab
-        self.prompt_start: list[int] = [llm.token_bos()] if self._lib.llama_vocab_get_add_bos(self._vocab) else []
+        self._vocab = self._model.vocab
+        self.prompt_start: list[int] = [self._model.token_bos()] if self._lib.llama_vocab_get_add_bos(self._vocab) else []
         eog = {self._lib.llama_vocab_eos(self._vocab), self._lib.llama_vocab_eot(self._vocab)}
         self._eos = frozenset(t for t in eog if t >= 0)
         self.token_bytes = lru_cache(maxsize=None)(self._piece)
@@ -44,7 +51,7 @@ class LlamaTokenizer:
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         if not text:
             return []
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        return self._model.tokenize(text.encode("utf-8"), False, special)
 
     def _piece(self, token_id: int) -> bytes:
         buf = ctypes.create_string_buffer(256)
@@ -66,61 +73,159 @@ class LlamaTokenizer:
         return self._eos
 
 
+_backend_ready = False
+
+
+def _load_model(llama_cpp, path: Path, gpu_layers: int):
+    """The model weights (mmap'd), quietly."""
+    global _backend_ready
+    from llama_cpp import _internals
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+    return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+
+
+def _new_context(llama_cpp, model, *, n_ctx: int, n_batch: int, threads: int, slots: int):
+    """A context of ``slots`` sequences with ``n_ctx`` KV cells each (one stream per sequence:
+    attention in one slot never scans another's cells)."""
+    from llama_cpp import _internals
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx * slots
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = slots
+    params.kv_unified = False
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.no_perf = True
+    return _internals.LlamaContext(model=model, params=params, verbose=False)
+
+
 class LlamaCppEngine:
     name = "llama"
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int = 0,
-                 n_batch: int = 512, gpu_layers: int = -1, device: str = "auto", model_name: str | None = None):
+                 n_batch: int = 512, gpu_layers: int = -1, device: str = "auto", model_name: str | None = None,
+                 cache_slots: int = 1, drafter=None):
         llama_cpp = _import_llama()
         path = Path(model_path)
         if not path.is_file():
             raise ModelCorrupt(f"model file not found: {path}")
+        if not 1 <= cache_slots <= llama_cpp.llama_max_parallel_sequences():
+            raise InvalidRequest(f"cache_slots must be 1..{llama_cpp.llama_max_parallel_sequences()}, "
+                                 f"got {cache_slots}", param="cache_slots")
         threads = n_threads or max(1, (os.cpu_count() or 2))
         gpu = llama_cpp.llama_supports_gpu_offload() and device != "cpu"
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                n_threads_batch=threads, n_gpu_layers=gpu_layers if gpu else 0, logits_all=False,
-                verbose=False, flash_attn=False,
-            )
+            self.model = _load_model(llama_cpp, path, gpu_layers if gpu else 0)
+            self.ctx = _new_context(llama_cpp, self.model, n_ctx=n_ctx, n_batch=n_batch, threads=threads,
+                                    slots=cache_slots)
         except (ValueError, RuntimeError) as exc:
             raise ModelCorrupt(f"llama.cpp could not load {path}: {exc}",
                                hint="re-fetch it with `localcoder models pull --force`") from exc
+        from llama_cpp import _internals
+
+        self._lib = llama_cpp
+        self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.model_name = model_name or path.stem
         self.device = "cuda" if gpu else "cpu"
-        self.n_ctx = n_ctx
+        self.n_ctx = min(n_ctx, llama_cpp.llama_n_ctx_seq(self.ctx.ctx))
         self.n_batch = n_batch
         self.threads = threads
-        self.tokenizer = LlamaTokenizer(self.llm)
-        self.cache = PrefixCache()
-        self._n_vocab = self.llm.n_vocab()
-        self._get_logits = llama_cpp.llama_get_logits_ith
+        self.tokenizer = LlamaTokenizer(self.model)
+        self.slots = SlotTable(cache_slots)
+        self._last_slot = 0
+        self.drafter = drafter
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
+
+    @property
+    def cache(self) -> PrefixCache:
+        """The token record of the slot used last (with one slot: the cache)."""
+        return self.slots.slots[self._last_slot]
 
     def generate(self, request: GenerationRequest) -> TokenStream:
         check_request(request, self.n_ctx)
         return TokenStream(lambda timings: self._run(request, timings))
 
-    def _logits(self) -> np.ndarray:
-        """(V,) logits of the last evaluated token (a view into llama.cpp's buffer)."""
-        return np.ctypeslib.as_array(self._get_logits(self.llm.ctx, -1), shape=(self._n_vocab,))
+    def cache_info(self) -> dict[str, int | list[int]]:
+        """KV-cache memory: bytes per token (K and V, f16, all layers), per slot and in all, and the
+        tokens each slot holds now."""
+        per_token = self.kv_bytes_per_token()
+        return {"slots": len(self.slots), "ctx_per_slot": self.n_ctx, "kv_bytes_per_token": per_token,
+                "kv_bytes_per_slot": per_token * self.n_ctx, "kv_bytes_total": per_token * self.n_ctx * len(self.slots),
+                "slot_tokens": [len(s.tokens) for s in self.slots.slots]}
 
-    def _forward(self, tokens: list[int]) -> np.ndarray:
-        self.llm.eval(tokens)
-        self.cache.extend(tokens)
-        return self._logits()
+    def kv_bytes_per_token(self) -> int:
+        lib, m = self._lib, self.model.model
+        n_head = lib.llama_model_n_head(m)
+        head_dim = lib.llama_model_n_embd(m) // n_head
+        return lib.llama_model_n_layer(m) * 2 * head_dim * lib.llama_model_n_head_kv(m) * _F16_BYTES
+
+    # ---- evaluation on one slot ---------------------------------------------------------------------
+
+    def _decode(self, slot: int, tokens: list[int], all_logits: bool) -> None:
+        if not 0 < len(tokens) <= self.n_batch:
+            raise ValueError(f"a batch holds 1..{self.n_batch} tokens, got {len(tokens)}")
+        cache = self.slots.slots[slot]
+        b, pos0 = self._batch.batch, len(cache.tokens)
+        b.n_tokens = len(tokens)
+        for i, t in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i] = t, pos0 + i, 1
+            b.seq_id[i][0] = slot
+            b.logits[i] = all_logits
+        b.logits[len(tokens) - 1] = True
+        rc = self._lib.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        cache.extend(tokens)
+
+    def _row(self, i: int) -> np.ndarray:
+        """(V,) logits of output ``i`` of the last batch (a view into llama.cpp's buffer)."""
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx.ctx, i), shape=(self._n_vocab,))
+
+    def _forward(self, slot: int, tokens: list[int]) -> np.ndarray:
+        self._decode(slot, tokens, all_logits=False)
+        return self._row(-1)
+
+    def _forward_all(self, slot: int, tokens: list[int]) -> np.ndarray:
+        self._decode(slot, tokens, all_logits=True)
+        return np.stack([self._row(i) for i in range(len(tokens))])
+
+    def _truncate(self, slot: int, n: int) -> None:
+        """Keep the first ``n`` tokens of ``slot`` (KV cells and record)."""
+        self._lib.llama_memory_seq_rm(self._memory, slot, n, -1)
+        self.slots.slots[slot].truncate(n)
+
+    def _speculation(self, slot: int):
+        from localcoder.engines.speculative import Speculation
+
+        cache = self.slots.slots[slot]
+        return Speculation(self.drafter, lambda ids: self._forward_all(slot, ids),
+                           lambda n: self._truncate(slot, len(cache.tokens) - n),
+                           lambda: self.n_ctx - len(cache.tokens))
 
     def _run(self, request: GenerationRequest, timings: Timings) -> Iterator[int]:
-        keep = self.cache.plan(request.tokens) if request.cache_prompt else 0
-        self.llm.n_tokens = keep  # llama's eval drops the KV cells from here on
-        self.cache.truncate(keep)
-        yield from run_tokens(request, timings, keep, self.n_batch, self._forward, self._drop_cache)
-
-    def _drop_cache(self) -> None:
-        self.llm.n_tokens = 0
-        self.cache.clear()
+        slot = self._last_slot = self.slots.choose(request.tokens)
+        keep = self.slots.slots[slot].plan(request.tokens) if request.cache_prompt else 0
+        self._truncate(slot, keep)
+        spec = self._speculation(slot) if self.drafter is not None else None
+        yield from run_tokens(request, timings, keep, self.n_batch, lambda ids: self._forward(slot, ids),
+                              lambda: self._truncate(slot, 0), spec=spec)
 
     def reset_cache(self) -> None:
-        self._drop_cache()
+        self._lib.llama_memory_clear(self._memory, True)
+        self.slots.clear()
 
     def close(self) -> None:
-        self.llm.close()
+        if self.drafter is not None and hasattr(self.drafter, "close"):
+            self.drafter.close()
+        self._batch.close()
+        self.ctx.close()
+        self.model.close()
