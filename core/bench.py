@@ -31,6 +31,7 @@ import numpy as np
 
 from localcoder.engines.base import Tokenizer
 from localcoder.engines.kvcache import common_prefix_len
+from localcoder.stats import percentile
 
 PEER_STOPS = ["<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|fim_prefix|>", "\n\n"]  # what Continue sends
 WORD_END = set(" \n\t.,:;()[]{}=")
@@ -54,6 +55,10 @@ class BenchConfig:
     peer: bool = True
     url: str = ""  # bench a running localcoder server instead of starting one
     api_key: str = ""
+    workloads: str = "cold,typing,editor"  # editor: llama.vim's bodies vs llama-server (localcoder.bench_editor)
+    llama_server: str = ""  # llama-server binary for the editor replay ("" = find it; "off" = skip it)
+    editor_file_b: str = ""  # second file of the two-files replay (default: the stdlib's shlex.py)
+    editor_chars: int = 160
 
 
 @dataclass
@@ -90,10 +95,6 @@ class WorkloadResult:
             "decode_tok_per_s": round(1000 * sum(s.generated_tokens for s in self.samples if s.decode_ms)
                                       / sum(decode_ms), 2) if decode_ms else float("nan"),
         }
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 # ---- targets -------------------------------------------------------------------------------------
@@ -339,6 +340,42 @@ def default_typing_file() -> Path:
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    results = run_http_workloads(cfg, progress) if {"cold", "typing"} & set(cfg.workloads.split(",")) else []
+    if "editor" in cfg.workloads.split(",") and cfg.model != "fake":
+        results += run_editor_replay(cfg, progress)
+    return report(cfg, results, physical_bound(cfg))
+
+
+def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
+    """llama.vim's bodies to `localcoder serve` in its DEFAULT configuration (only model, threads and
+    port given) and to llama-server with llama.vim's preset, interleaved (localcoder.bench_editor)."""
+    from tqdm import tqdm
+
+    from localcoder import bench_editor as ed
+
+    binary = None if cfg.llama_server == "off" else (cfg.llama_server or ed.find_llama_server())
+    workloads = ed.editor_workloads(cfg.typing_file or str(default_typing_file()),
+                                    cfg.editor_file_b or str(Path(os.__file__).parent / "shlex.py"),
+                                    cfg.editor_chars, cfg.max_tokens)
+    n = sum(len(r) for r in workloads.values()) * (2 if binary else 1)
+    bar = tqdm(total=n, desc="editor replay", unit="req", file=sys.stderr, disable=not progress)
+    with ExitStack() as stack:
+        port = free_port()
+        cmd = [sys.executable, "-m", "localcoder.cli", "serve", "--model", cfg.model, "--threads", str(cfg.threads),
+               "--port", str(port), "--log-level", "warning"]
+        targets = [ed.InfillTarget("localcoder", stack.enter_context(
+            serving(cmd, f"http://127.0.0.1:{port}", "/health")))]
+        if binary:
+            port = free_port()
+            url = stack.enter_context(serving(ed.llama_server_cmd(binary, cfg.model, port, cfg.threads),
+                                              f"http://127.0.0.1:{port}", "/health"))
+            targets.append(ed.InfillTarget("llama-server", url))
+        results = ed.run_replay(targets, workloads, bar.update)
+    bar.close()
+    return results
+
+
+def run_http_workloads(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
     from tqdm import tqdm
 
     tok = load_tokenizer(cfg.model)
@@ -363,19 +400,21 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             targets.append(PeerTarget(url, tok))
         results = run_interleaved(targets, cfg, cold, typing, bar.update)
     bar.close()
-    return report(cfg, results, physical_bound(cfg))
+    return results
 
 
 def report(cfg: BenchConfig, results: list[WorkloadResult], bound: dict[str, Any]) -> dict[str, Any]:
     rows = {}
     for r in results:
-        debounce = cfg.debounce_ms if r.workload == "typing" else 0
+        debounce = cfg.debounce_ms if r.workload == "typing" or r.workload.startswith("vim:") else 0
         rows.setdefault(r.workload, {})[r.target] = r.summary(debounce)
     ratios = {}
     for workload, by_target in rows.items():
-        if "localcoder" in by_target and "llama-cpp-python" in by_target:
-            ours, peer = by_target["localcoder"], by_target["llama-cpp-python"]
-            ratios[workload] = {k: round(ours[k] / peer[k], 3) if peer[k] else None for k in ("p50_ms", "p95_ms")}
+        peer_name = next((p for p in ("llama-server", "llama-cpp-python") if p in by_target), None)
+        if "localcoder" in by_target and peer_name:
+            ours, peer = by_target["localcoder"], by_target[peer_name]
+            ratios[workload] = {"peer": peer_name,
+                                **{k: round(ours[k] / peer[k], 3) if peer[k] else None for k in ("p50_ms", "p95_ms")}}
     return {
         "config": asdict(cfg), "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
         "bound": bound, "results": rows, "ratios_localcoder_over_peer": ratios,
@@ -400,7 +439,7 @@ def markdown(report_: dict[str, Any]) -> str:
                   f"{bt['total'] / 1e6:.0f} MB read per token (output head {bt['output_head'] / 1e6:.0f} MB, "
                   f"{b['output_head_share']:.0%}) = **{b['decode_tok_per_s_bound']} tok/s** decode at most."]
     lines.append("")
-    lines.append("Typing latency = debounce "
+    lines.append("Typing and editor-replay (vim:*) latency = debounce "
                  f"({report_['config']['debounce_ms']} ms) + request latency; cold = request latency.")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,172 @@
+"""Editor replay: llama.vim's exact ``/infill`` bodies, sent to ``localcoder serve`` (its default
+configuration) and to llama.cpp's own ``llama-server`` run the way llama.vim's README tells its
+users, on the same GGUF and the same text, interleaved request by request.
+
+Workloads (a real source file typed character by character; a request at each pause, as an
+editor's debounce would send it):
+- ``vim:mid-file``: the cursor in the middle of the file, the rest of the file below it (>= 200
+  tokens of suffix);
+- ``vim:end-of-file``: typing at the end of a file (no suffix);
+- ``vim:two-files``: two files, alternating one word in each (a user switching buffers); llama.vim's
+  ``n_predict: 0`` warm-up with the other file as ``input_extra`` is sent at each switch.
+
+A body is llama.vim's: ``input_prefix`` = up to ``n_prefix`` lines above the cursor line,
+``prompt`` = the cursor line up to the cursor, ``input_suffix`` = the rest of the line and up to
+``n_suffix`` lines below, ``input_extra`` = chunks of other buffers (see shared/clients).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+from localcoder.bench import WORD_END, Sample, WorkloadResult
+
+CLIENTS_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "clients"
+N_PREFIX_LINES, N_SUFFIX_LINES = 256, 64  # llama.vim's defaults (g:llama_config n_prefix / n_suffix)
+
+
+def vim_template(name: str) -> dict:
+    """llama.vim's body from the compatibility fixtures (shared/clients, copied into tests/fixtures)."""
+    for folder in (CLIENTS_DIR, Path(__file__).resolve().parents[2] / "shared" / "clients"):
+        path = folder / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    raise FileNotFoundError(f"{name}.json not found in {CLIENTS_DIR}")
+
+
+@dataclass
+class VimRequest:
+    body: dict
+    file: str
+
+
+def vim_body(lines: list[str], row: int, col: int, extra: list[dict], max_tokens: int) -> dict:
+    """llama.vim's request for the cursor at (row, col) of ``lines`` (each with its newline)."""
+    body = copy.deepcopy(vim_template("llama_vim_infill"))
+    line = lines[row] if row < len(lines) else ""
+    body.update(input_prefix="".join(lines[max(0, row - N_PREFIX_LINES): row]), prompt=line[:col],
+                input_suffix=line[col:] + "".join(lines[row + 1: row + 1 + N_SUFFIX_LINES]),
+                input_extra=extra, n_predict=max_tokens,
+                n_indent=len(line) - len(line.lstrip(" ")))
+    return body
+
+
+def warmup_body(extra: list[dict]) -> dict:
+    body = copy.deepcopy(vim_template("llama_vim_warmup"))
+    body["input_extra"] = extra
+    return body
+
+
+def typing_requests(text: str, name: str, chars: int, at_end: bool, extra: list[dict], max_tokens: int
+                    ) -> list[VimRequest]:
+    """Type ``chars`` characters of ``text`` from a line start in its middle (``at_end``: the text
+    above that point is the whole file, nothing below); one request per pause (end of a word). At
+    each pause the file is what was typed so far, on a line opened above the rest of the file."""
+    lines = text.splitlines(keepends=True)
+    above = "".join(lines[: len(lines) // 2])
+    rest = text[len(above):]
+    cut = rest.find("\n", chars - 1) + 1 or len(rest)  # whole lines, so the rest starts at a line start
+    typed = rest[:cut]
+    tail = "" if at_end else "\n" + rest[cut:]  # typing into a freshly opened line above the rest
+    out = []
+    for i in range(1, len(typed) + 1):
+        if typed[i - 1] not in WORD_END and i != len(typed):
+            continue
+        before = above + typed[:i]  # the file as it is now: what is typed so far, then the rest
+        now = (before + tail).splitlines(keepends=True) or [""]
+        row = before.count("\n")
+        col = len(before) - (before.rfind("\n") + 1)
+        out.append(VimRequest(vim_body(now, row, col, extra, max_tokens), name))
+    return out
+
+
+def alternate(a: list[VimRequest], b: list[VimRequest]) -> list[VimRequest]:
+    out = []
+    for x, y in zip(a, b):
+        out += [x, y]
+    return out
+
+
+def extra_chunk(text: str, name: str, lines: int = 64) -> list[dict]:
+    return [{"filename": name, "text": "".join(text.splitlines(keepends=True)[:lines])}]
+
+
+# ---- targets -------------------------------------------------------------------------------------
+
+
+class InfillTarget:
+    """Any server with llama.cpp's ``/infill`` (localcoder serve, llama-server)."""
+
+    def __init__(self, name: str, url: str):
+        self.name = name
+        self.client = httpx.Client(base_url=url, timeout=600)
+
+    def send(self, body: dict) -> Sample:
+        t0 = time.perf_counter()
+        r = self.client.post("/infill", json=body)
+        ms = (time.perf_counter() - t0) * 1000
+        r.raise_for_status()
+        d = r.json()
+        evaluated = int(d.get("timings/prompt_n", d.get("timings", {}).get("prompt_n", 0)) or 0)
+        cached = int(d.get("tokens_cached", 0) or 0)
+        predicted = int(d.get("timings/predicted_n", d.get("timings", {}).get("predicted_n", 0)) or 0)
+        decode = d.get("timings/predicted_ms", d.get("timings", {}).get("predicted_ms"))
+        return Sample(ms, evaluated + cached, cached, predicted, str(d.get("content", "")), decode or None)
+
+
+def find_llama_server() -> str | None:
+    """The llama-server binary: $LOCALCODER_LLAMA_SERVER, the one `make llama-server` builds, or PATH."""
+    candidates = [os.environ.get("LOCALCODER_LLAMA_SERVER", "")]
+    home = Path(os.environ.get("LOCALCODER_HOME") or Path.home() / ".cache" / "localcoder")
+    candidates += [str(p) for p in sorted(home.glob("llama-server*/**/llama-server")) if p.is_file()]
+    candidates.append(shutil.which("llama-server") or "")
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def llama_server_cmd(binary: str, model: str, port: int, threads: int) -> list[str]:
+    """llama.vim's README preset (`--cache-reuse 256`, batch/ubatch 1024, the model's context),
+    on CPU threads like ours."""
+    return [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+            "-tb", str(threads), "-ub", "1024", "-b", "1024", "--ctx-size", "0", "--cache-reuse", "256"]
+
+
+# ---- the replay ----------------------------------------------------------------------------------
+
+
+def editor_workloads(file_a: str, file_b: str, chars: int, max_tokens: int) -> dict[str, list[VimRequest]]:
+    a, b = Path(file_a).read_text(encoding="utf-8"), Path(file_b).read_text(encoding="utf-8")
+    na, nb = Path(file_a).name, Path(file_b).name
+    return {
+        "vim:mid-file": typing_requests(a, na, chars, False, extra_chunk(b, nb), max_tokens),
+        "vim:end-of-file": typing_requests(b, nb, chars, True, extra_chunk(a, na), max_tokens),
+        "vim:two-files": alternate(typing_requests(a, na, chars // 2, False, extra_chunk(b, nb), max_tokens),
+                                   typing_requests(b, nb, chars // 2, False, extra_chunk(a, na), max_tokens)),
+    }
+
+
+def run_replay(targets: list[InfillTarget], workloads: dict[str, list[VimRequest]],
+               tick: Callable[[], None]) -> list[WorkloadResult]:
+    """Each request goes to every target in turn (separate server processes, so one target's
+    requests never touch the other's cache); a buffer switch first sends llama.vim's warm-up."""
+    results = []
+    for workload, requests in workloads.items():
+        by_target = {t.name: WorkloadResult(t.name, workload) for t in targets}
+        previous = None
+        for req in requests:
+            for target in targets:
+                if previous is not None and req.file != previous:
+                    target.send(warmup_body(req.body["input_extra"]))
+                by_target[target.name].samples.append(target.send(req.body))
+                tick()
+            previous = req.file
+        results += by_target.values()
+    return results

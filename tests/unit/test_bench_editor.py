@@ -1,0 +1,33 @@
+"""The editor replay builds llama.vim's bodies: prefix lines above, the cursor line split at the
+cursor, the lines below; one request per pause; two files alternate."""
+
+from __future__ import annotations
+
+from localcoder.bench_editor import N_SUFFIX_LINES, alternate, typing_requests, vim_template
+
+TEXT = "".join(f"line_{i} = {i}\n" for i in range(400))
+
+
+def test_mid_file_bodies_split_the_file_at_the_cursor_like_llama_vim():
+    reqs = typing_requests(TEXT, "a.py", 30, False, [{"filename": "b.py", "text": "x\n"}], 16)
+    start = TEXT.index("line_200 =")
+    typed = TEXT[start:start + 30]
+    assert len(reqs) == len({i for i in range(1, 31) if typed[i - 1] in " \n=.,:;()[]{}\t"} | {30})
+    for req in reqs:
+        b = req.body
+        assert "\n" not in b["prompt"] and b["input_prefix"].endswith("\n")
+        # above the cursor: the file so far plus what was typed; below it: the rest of the file
+        assert (TEXT[:start] + typed).find(b["input_prefix"] + b["prompt"]) >= 0
+        assert ("\n" + TEXT[start + 30:]).startswith(b["input_suffix"])
+        assert b["input_suffix"].count("\n") in (N_SUFFIX_LINES, N_SUFFIX_LINES + 1)
+        assert b["n_predict"] == 16 and b["input_extra"][0]["filename"] == "b.py"
+        assert set(vim_template("llama_vim_infill")) <= set(b)  # every field llama.vim sends
+    assert reqs[-1].body["input_prefix"].endswith("line_201 = 201\n")  # typed two whole lines
+    assert reqs[0].body["prompt"] == "line_200 " and reqs[0].body["input_suffix"].startswith("\nline_202")
+
+
+def test_end_of_file_has_no_suffix_and_two_files_alternate():
+    end = typing_requests(TEXT, "a.py", 20, True, [], 8)
+    assert all(r.body["input_suffix"] == "" for r in end)
+    both = alternate(typing_requests(TEXT, "a.py", 20, False, [], 8), typing_requests(TEXT, "b.py", 20, False, [], 8))
+    assert [r.file for r in both[:4]] == ["a.py", "b.py", "a.py", "b.py"]
