@@ -19,31 +19,57 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from localcoder.errors import InvalidRequest
 
 Mode = Literal["auto", "single", "multi"]
-Order = Literal["psm", "spm"]
+Order = Literal["psm", "spm", "spm2"]
+FimOrder = Literal["auto", "psm", "spm", "spm2"]  # auto: the model's trained order
+Engine = Literal["auto", "llama", "torch", "onnx", "fake", "remote"]
+Device = Literal["auto", "cpu", "cuda"]
+Quantization = Literal["none", "int8", "nf4"]
+Speculation = Literal["off", "lookup", "draft"]
+
+
+def check_mode(mode: Any) -> str:
+    """The one check of a completion mode, for requests (``InfillRequest.validate``) and settings alike."""
+    return _coerce("mode", Mode, mode)
 
 
 @dataclass
 class ModelConfig:
     model: str = field(default="qwen2.5-coder-0.5b", metadata={"help": "registry name, local path or hub id"})
-    engine: str = field(default="auto", metadata={"help": "auto | llama | torch | onnx | fake"})
+    engine: Engine = field(default="auto", metadata={"help": "auto | llama | torch | onnx | fake | remote"})
     threads: int = field(default=0, metadata={"help": "CPU threads for inference (0 = physical cores)"})
     ctx: int = field(default=4096, metadata={"help": "context window in tokens"})
     batch: int = field(default=512, metadata={"help": "prefill chunk size in tokens"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    device: Device = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     gpu_layers: int = field(default=-1, metadata={"help": "llama.cpp layers on GPU when built with CUDA (-1 all)"})
-    quantization: str = field(default="none", metadata={"help": "torch on CUDA: none | int8 | nf4 (bitsandbytes)"})
+    quantization: Quantization = field(default="none",
+                                       metadata={"help": "torch on CUDA: none | int8 | nf4 (bitsandbytes)"})
     fim_format: str = field(default="auto", metadata={"help": "FIM format name or auto (from the tokenizer)"})
-    fim_order: str = field(default="auto", metadata={"help": "psm | spm | auto (the model's trained order)"})
+    fim_order: FimOrder = field(default="auto", metadata={
+        "help": "psm | spm | spm2 | auto (the model's trained order; others only when the model declares them)"})
+    cache_slots: int = field(default=3, metadata={
+        "help": "llama.cpp: KV-cache slots (sequences of one context, ctx tokens each; files switch without re-reading)"})
+    speculation: Speculation = field(default="off", metadata={
+        "help": "llama.cpp greedy speculative decoding: off | lookup (n-grams of the prompt) | draft (draft_model)"})
+    draft_model: str = field(default="", metadata={"help": "speculation = draft: a smaller model with the same tokenizer"})
+    engine_url: str = field(default="", metadata={
+        "help": "engine = remote: base URL of a vLLM / llama-server OpenAI-style server (http://host:port)"})
+    engine_api_key: str = field(default="", metadata={"help": "engine = remote: Bearer token the remote server needs"})
+    engine_model: str = field(default="", metadata={"help": "engine = remote: model name the remote serves (its `model` field)"})
+    engine_connect_timeout_s: int = field(default=3, metadata={"help": "engine = remote: seconds to connect before 503"})
+    engine_read_timeout_s: int = field(default=30, metadata={
+        "help": "engine = remote: seconds to wait for the next streamed token before 503"})
 
 
 @dataclass
 class CompletionConfig:
-    mode: str = field(default="auto", metadata={"help": "auto | single | multi"})
+    mode: Mode = field(default="auto", metadata={"help": "auto | single | multi"})
     max_tokens: int = field(default=64, metadata={"help": "maximum generated tokens"})
     time_budget_ms: int = field(default=0, metadata={"help": "stop decoding after this long (0 = no limit)"})
     prefix_tokens: int = field(default=1024, metadata={"help": "token budget for text before the cursor"})
     suffix_tokens: int = field(default=256, metadata={"help": "token budget for text after the cursor"})
     extra_tokens: int = field(default=512, metadata={"help": "token budget for other files' snippets"})
+    token_healing: bool = field(default=True, metadata={
+        "help": "back off the token the cursor may split and make the first new tokens spell it"})
 
 
 @dataclass
@@ -56,12 +82,22 @@ class ServerConfig:
     max_queue: int = field(default=16, metadata={"help": "queued requests before HTTP 429"})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest accepted request body"})
     insecure_no_auth: bool = field(default=False, metadata={"help": "allow a non-loopback bind without a key"})
+    allowed_hosts: str = field(default="", metadata={
+        "help": "comma-separated Host names accepted besides loopback ones when bound to loopback"})
+    header_timeout_s: int = field(default=10, metadata={"help": "seconds a client may take to send a request's headers"})
+    body_timeout_s: int = field(default=30, metadata={"help": "seconds a client may take to send a request's body"})
+    keep_alive_s: int = field(default=5, metadata={"help": "seconds an idle connection is kept open"})
+    max_connections: int = field(default=64, metadata={"help": "open connections (plus running requests) before 503"})
+    max_header_bytes: int = field(default=16384, metadata={"help": "largest accepted request head"})
 
 
 @dataclass
 class LspConfig:
     server_url: str = field(default="", metadata={"help": "use a running `localcoder serve` instead of loading a model"})
     debounce_ms: int = field(default=150, metadata={"help": "server-side debounce of automatic triggers"})
+    server_api_key: str = field(default="", metadata={"help": "API key of the server at server_url, if it needs one"})
+    max_message_bytes: int = field(default=64 << 20, metadata={
+        "help": "largest LSP message accepted (Content-Length); larger frames are skipped with an error"})
 
 
 @dataclass
@@ -134,7 +170,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 def _coerce(name: str, typ: Any, value: Any) -> Any:
     if get_origin(typ) is Literal:
         if value not in get_args(typ):
-            raise InvalidRequest(f"{name} must be one of {get_args(typ)}, got {value!r}", param=name)
+            choices = ", ".join(map(str, get_args(typ)))
+            raise InvalidRequest(f"{name} must be one of {choices}, got {value!r}", param=name)
         return value
     if typ is bool:
         if isinstance(value, bool):
