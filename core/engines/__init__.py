@@ -35,8 +35,7 @@ def load_engine(model: ResolvedModel, cfg: ModelConfig | None = None) -> Engine:
             raise InvalidRequest(f"the llama engine needs a GGUF file; {model.name} is {model.kind}", param="engine")
         from localcoder.engines.llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(model.path, n_ctx=cfg.ctx, n_threads=cfg.threads, n_batch=cfg.batch,
-                              gpu_layers=cfg.gpu_layers, device=cfg.device, model_name=model.name)
+        return LlamaCppEngine.from_config(model, cfg)  # slots, speculation and its draft model included
     if name == "torch":
         from localcoder.engines.torch import TorchEngine
 

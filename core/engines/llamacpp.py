@@ -107,6 +107,15 @@ def _new_context(llama_cpp, model, *, n_ctx: int, n_batch: int, threads: int, sl
     return _internals.LlamaContext(model=model, params=params, verbose=False)
 
 
+def check_same_tokenizer(target, draft) -> None:
+    """A draft model must speak the target's token ids (same vocabulary and tokenization)."""
+    probe = "def f(x):\n    return x  # <|fim_middle|> é"
+    if target._n_vocab != draft._n_vocab or target.tokenizer.tokenize(probe) != draft.tokenizer.tokenize(probe):
+        target.close()  # closes its drafter's engine too
+        raise InvalidRequest(f"draft model {draft.model_name} does not share the tokenizer of {target.model_name}",
+                             param="draft_model")
+
+
 class LlamaCppEngine:
     name = "llama"
 
@@ -144,6 +153,28 @@ class LlamaCppEngine:
         self._last_slot = 0
         self.drafter = drafter
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
+
+    @classmethod
+    def from_config(cls, model, cfg) -> "LlamaCppEngine":
+        """The engine a ``ModelConfig`` describes for a resolved GGUF ``model``, with its drafter."""
+        from localcoder import models
+        from localcoder.engines.speculative import build_drafter
+
+        def engine(path, name, drafter=None) -> "LlamaCppEngine":
+            return cls(path, n_ctx=cfg.ctx, n_threads=cfg.threads, n_batch=cfg.batch, gpu_layers=cfg.gpu_layers,
+                       device=cfg.device, model_name=name, cache_slots=cfg.cache_slots, drafter=drafter)
+
+        def load_draft(name: str) -> "LlamaCppEngine":
+            draft = models.resolve(name)
+            if draft.kind != "gguf":
+                raise InvalidRequest(f"the draft model must be a GGUF file; {name} is {draft.kind}", param="draft_model")
+            return engine(draft.path, draft.name)
+
+        drafter = build_drafter(cfg.speculation, cfg.draft_model, load_draft)
+        target = engine(model.path, model.name, drafter)
+        if drafter is not None and hasattr(drafter, "engine"):
+            check_same_tokenizer(target, drafter.engine)
+        return target
 
     @property
     def cache(self) -> PrefixCache:
