@@ -167,8 +167,7 @@ class InProcessClient:
                  on_ready: Callable[["InProcessClient"], None] = lambda client: None,
                  on_error: Callable[[BaseException], None] = lambda exc: None):
         self.completer: Completer | None = source if isinstance(source, Completer) else None
-        self._factory = None if isinstance(source, Completer) else source
-        self.owns_engine = self._factory is not None
+        self._factory = None if isinstance(source, Completer) else source  # set: the engine is ours to close
         self.load_error: BaseException | None = None
         self.max_queue = max_queue
         self.stats = ClientStats()
@@ -232,8 +231,6 @@ class InProcessClient:
 
     def prefill(self, request: InfillRequest, key: str | None = None) -> None:
         """Warm the cache for ``request``'s prompt when nothing else waits; never delays a real request."""
-        if not self.ready:
-            return
         warm = InfillRequest(**{**request.__dict__, "max_tokens": 0})
         self._submit(warm, key, None, background=True)
 
@@ -280,14 +277,13 @@ class InProcessClient:
                 self._cancel_locked(job, "shutdown")
             self._cond.notify_all()
         self._thread.join(timeout_s)
-        if self.owns_engine and self.completer is not None:
+        if self._factory is not None and self.completer is not None:
             self.completer.engine.close()
 
     # ---- queue (any thread, under the lock) -----------------------------------------------------
     def _submit(self, request: InfillRequest, key: str | None, loop, *, background: bool) -> Job:
-        if not background:
-            request.validate()
-            self.require_ready()
+        request.validate()  # bad input is answered now, not after its turn in the queue
+        self.require_ready()
         job = Job(request, key, loop, background=background, id=next(self._ids))
         with self._cond:
             if self._stopping:
@@ -468,7 +464,6 @@ class HttpClient:
                                        timeout=httpx.Timeout(timeout_s, connect=3.0))
         self._live: dict[str, asyncio.Event] = {}
         self.stats = ClientStats()
-        self.requests = 0
 
     def _unreachable(self, exc: BaseException) -> BackendUnavailable:
         return BackendUnavailable(f"cannot reach localcoder serve at {self.url}: {exc.__class__.__name__}",
@@ -488,7 +483,6 @@ class HttpClient:
     async def _stream(self, request: InfillRequest, key: str | None, stop: asyncio.Event) -> AsyncIterator[Delta]:
         import httpx
 
-        self.requests += 1
         body = infill_body(request)
         if key is not None:
             body["lane"] = key
@@ -569,7 +563,7 @@ class HttpClient:
         await self.health()  # fail early (at start-up) when the server is not there
 
     def counters(self) -> dict[str, Any]:
-        return {"engine": "http", "server_url": self.url, "http_requests": self.requests}
+        return {"engine": "http", "server_url": self.url, "http_requests": self.stats.submitted}
 
     async def close(self) -> None:
         await self._http.aclose()

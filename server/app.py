@@ -222,9 +222,10 @@ async def respond(request: Request, state: ServerState, req, lane: str | None, s
                   render_delta: Callable[[str], dict] | None = None,
                   render_end: Callable[[CompletionResult], dict] | None = None,
                   done_marker: bool = False) -> Response:
-    """Queue the request, then answer with one JSON body or an SSE stream of deltas."""
-    req.validate()
-    client = state.require_ready()
+    """Queue the request, then answer with one JSON body or an SSE stream of deltas. The client
+    validates it first (400), then checks that the model is loaded (503)."""
+    client = state.client
+    assert client is not None
     if req.max_tokens == 0 and not stream:  # llama.vim's warm-up: prefill at the lowest priority
         client.prefill(req, lane)
         return JSONResponse(render_final(CompletionResult("", "limit", req.mode, Timings(), False, 0)))

@@ -29,6 +29,15 @@ async def settle(engine) -> int:
     return before
 
 
+async def decoding(engine, tokens: int) -> None:
+    """Until the server's engine has decoded ``tokens`` tokens of the running generation."""
+    for _ in range(500):
+        if engine.tokens_generated_total >= tokens:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the server's engine never reached {tokens} tokens")
+
+
 async def start_lsp(url: str) -> LanguageClient:
     cfg = ClientServerConfig(server_command=fake_server("--server-url", url, "--max-tokens", "400",
                                                         "--debounce-ms", "0"),
@@ -45,10 +54,7 @@ async def test_superseding_in_server_url_mode_stops_the_servers_engine_within_a_
         try:
             open_doc(client, URI, "import os\n")
             first = asyncio.ensure_future(client.text_document_inline_completion_async(inline_params(URI, 1, 0)))
-            for _ in range(500):
-                if engine.tokens_generated_total >= 20:
-                    break
-                await asyncio.sleep(0.01)
+            await decoding(engine, 20)
             at_supersede = engine.tokens_generated_total
             second = asyncio.ensure_future(client.text_document_inline_completion_async(inline_params(URI, 1, 0)))
             assert list((await asyncio.wait_for(first, 10)).items) == []
@@ -75,10 +81,7 @@ async def test_cancel_request_in_server_url_mode_stops_the_servers_engine():
             open_doc(client, URI, "import os\n")
             fut = asyncio.wrap_future(client.protocol.send_request(
                 types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(URI, 1, 0), msg_id="c1"))
-            for _ in range(500):
-                if engine.tokens_generated_total >= 20:
-                    break
-                await asyncio.sleep(0.01)
+            await decoding(engine, 20)
             client.protocol.notify("$/cancelRequest", types.CancelParams(id="c1"))
             try:
                 await asyncio.wait_for(fut, 10)
