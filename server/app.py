@@ -38,7 +38,6 @@ from localcoder.server.auth import AuthMiddleware, client_identity, resolve_api_
 from localcoder.server.errors import (
     BodyTooLarge,
     error_body,
-    error_response,
     handle_http_exception,
     handle_localcoder_error,
     handle_unexpected,

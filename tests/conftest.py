@@ -7,9 +7,13 @@ pulls first. No test reaches a model hub.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -22,6 +26,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(app, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI ``app`` with a real uvicorn in a thread on 127.0.0.1; yields the base URL."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import httpx
-import uvicorn
 
+from conftest import serve_app
 from localcoder.completion import Completer
 from localcoder.config import Config
 from localcoder.engines.fake import FakeEngine
@@ -42,22 +41,8 @@ def make_config(**fields) -> Config:
 @contextlib.contextmanager
 def running_server(completer, cfg: Config | None = None) -> Iterator[str]:
     """Serve ``create_app(completer, cfg)`` with uvicorn in a thread; yields the base URL."""
-    cfg = cfg or make_config()
-    port = free_port()
-    app = create_app(completer, cfg)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_app(create_app(completer, cfg or make_config())) as url:
+        yield url
 
 
 def fake_completer(completion: str = "return a + b\n", delay_s: float = 0.0) -> tuple[Completer, FakeEngine]:

@@ -6,7 +6,6 @@ records what it was sent and whether the client went away."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -14,18 +13,17 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from conftest import free_port
+from conftest import free_port, serve_app
 from localcoder.completion import Completer, InfillRequest
 from localcoder.config import Config
 from localcoder.engines.base import GenerationRequest
 from localcoder.engines.fake import ByteTokenizer
-from localcoder.engines.remote import PROBE, RemoteEngine
+from localcoder.engines.remote import RemoteEngine
 from localcoder.errors import BackendUnavailable, InvalidRequest
 from localcoder.server.app import create_app
 
@@ -128,22 +126,7 @@ class FakeRemote:
         yield "data: [DONE]\n\n"
 
 
-@contextlib.contextmanager
-def serve(app, port: int | None = None) -> Iterator[str]:
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+serve = serve_app  # one uvicorn-in-a-thread helper (tests/conftest.py)
 
 
 @pytest.fixture
