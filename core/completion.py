@@ -101,12 +101,14 @@ class CompletionStream:
 
 class Completer:
     def __init__(self, engine: Engine, fmt: FimFormat | str | None = None, budget: Budget | None = None,
-                 order: str = "auto"):
+                 order: str = "auto", *, token_healing: bool = True, model_orders: tuple[str, ...] = ()):
         self.engine = engine
         self.fmt = get_format(fmt) if isinstance(fmt, str) and fmt != "auto" else (
             fmt if isinstance(fmt, FimFormat) else None)
         self.budget = budget or Budget()
         self._order = order
+        self.token_healing = token_healing  # CompletionConfig.token_healing (localcoder.fim.healing)
+        self.model_orders = model_orders  # FIM orders the model declares besides its format's (an adapter's)
 
     @property
     def format(self) -> FimFormat:
@@ -128,15 +130,10 @@ class Completer:
         model = resolve(cfg.model.model, pull_if_missing=pull, progress=progress)
         engine = load_engine(model, cfg.model)
         fmt = cfg.model.fim_format if cfg.model.fim_format != "auto" else model.fim_format
-        completer = cls(engine, None if fmt == "auto" else fmt, Budget.from_config(cfg.completion), cfg.model.fim_order)
-        completer.token_healing = cfg.completion.token_healing
-        completer.model_orders = tuple(model.meta.get("orders", ()))  # an adapter's provenance may declare more
-        return completer
+        return cls(engine, None if fmt == "auto" else fmt, Budget.from_config(cfg.completion), cfg.model.fim_order,
+                   token_healing=cfg.completion.token_healing, model_orders=tuple(model.meta.get("orders", ())))
 
     # ---- prompts -------------------------------------------------------------------------------
-    token_healing = True  # CompletionConfig.token_healing (localcoder.fim.healing)
-    model_orders: tuple[str, ...] = ()  # FIM orders the model declares besides its format's (an adapter's)
-
     def prompt(self, req: InfillRequest) -> tuple[list[int], bool]:
         """The token prompt (a ``healing.Prompt``: with token healing its ``heal`` holds the backed-off
         bytes the generation must spell first) and whether the context was truncated."""
@@ -165,7 +162,7 @@ class Completer:
         ids, truncated = self.prompt(req)
         gen = GenerationRequest(tokens=ids, max_tokens=req.max_tokens, sampling=req.sampling,
                                 stop_token_ids=self.format.stop_ids(self.engine.tokenizer),
-                                cancel=cancel or CancelToken(), cache_prompt=req.cache_prompt)
+                                cancel=cancel or CancelToken(), cache_prompt=req.cache_prompt, heal=ids.heal)
         holder = CompletionStream(iter(()))
         holder._run = self._drive(gen, rules, mode, truncated, req.time_budget_ms, holder)
         return holder
@@ -180,7 +177,6 @@ class Completer:
     def _drive(self, gen: GenerationRequest, rules: StopRules, mode: str, truncated: bool,
                budget_ms: int, holder: CompletionStream) -> Iterator[str]:
         tok = self.engine.tokenizer
-        gen.heal = gen.heal or getattr(gen.tokens, "heal", None)
         skip = len(gen.heal.text) if gen.heal is not None else 0  # healed bytes: typed already, not inserted
         stream = self.engine.generate(gen)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
