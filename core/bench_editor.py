@@ -35,12 +35,8 @@ N_PREFIX_LINES, N_SUFFIX_LINES = 256, 64  # llama.vim's defaults (g:llama_config
 
 
 def vim_template(name: str) -> dict:
-    """llama.vim's body from the compatibility fixtures (shared/clients, copied into tests/fixtures)."""
-    for folder in (CLIENTS_DIR, Path(__file__).resolve().parents[2] / "shared" / "clients"):
-        path = folder / f"{name}.json"
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
-    raise FileNotFoundError(f"{name}.json not found in {CLIENTS_DIR}")
+    """llama.vim's body from the compatibility fixtures (a copy of shared/clients)."""
+    return json.loads((CLIENTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
 @dataclass
@@ -123,12 +119,17 @@ class InfillTarget:
         return Sample(ms, evaluated + cached, cached, predicted, str(d.get("content", "")), decode or None)
 
 
+def llama_server_built() -> Path:
+    """Where ``tests/setup.d/llama_server.sh`` builds llama-server (``make test`` runs it)."""
+    home = os.environ.get("LLAMA_SERVER_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                        "localcoder", "llama-server")
+    return Path(home) / "bin" / "llama-server"
+
+
 def find_llama_server() -> str | None:
-    """The llama-server binary: $LOCALCODER_LLAMA_SERVER, the one `make llama-server` builds, or PATH."""
-    candidates = [os.environ.get("LOCALCODER_LLAMA_SERVER", "")]
-    home = Path(os.environ.get("LOCALCODER_HOME") or Path.home() / ".cache" / "localcoder")
-    candidates += [str(p) for p in sorted(home.glob("llama-server*/**/llama-server")) if p.is_file()]
-    candidates.append(shutil.which("llama-server") or "")
+    """The llama-server binary: $LOCALCODER_LLAMA_SERVER, the one the set-up script built, or PATH."""
+    candidates = [os.environ.get("LOCALCODER_LLAMA_SERVER", ""), str(llama_server_built()),
+                  shutil.which("llama-server") or ""]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 

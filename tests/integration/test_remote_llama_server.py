@@ -8,7 +8,6 @@ these tests are skipped, saying so."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -18,12 +17,12 @@ import httpx
 import pytest
 
 from conftest import DEFAULT_MODEL, free_port
+from localcoder.bench_editor import find_llama_server, llama_server_built
 from localcoder.completion import Completer, InfillRequest
 
 pytestmark = pytest.mark.integration
 
-BUILT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localcoder/llama-server/bin/llama-server"
-BINARY = Path(os.environ.get("LOCALCODER_LLAMA_SERVER") or BUILT)
+BINARY = Path(find_llama_server() or llama_server_built())
 PREFIX = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    "
 SUFFIX = "\n\n\ndef main():\n    print(fibonacci(10))\n"
 
