@@ -75,9 +75,6 @@ class Requests:
         try:
             if debounce_s > 0:
                 await asyncio.sleep(debounce_s)
-            if ticket.superseded:
-                self.stats.skipped += 1
-                return None
             await client.wait_ready()  # the first request after start waits for the model to load
             if ticket.superseded:
                 self.stats.skipped += 1
