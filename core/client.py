@@ -263,8 +263,9 @@ class InProcessClient:
         if self.completer is not None:
             engine = self.completer.engine
             out.update(engine=engine.name, model=engine.model_name)
-            if hasattr(engine, "tokens_generated_total"):  # the fake engine counts decode steps
-                out["engine_tokens_generated"] = engine.tokens_generated_total
+            counters = getattr(engine, "counters", None)  # optional: the fake's decode steps, a remote's
+            if counters is not None:
+                out.update(counters())
         return out
 
     async def close(self) -> None:

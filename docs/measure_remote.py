@@ -7,6 +7,13 @@ streamed back, stop rules applied), then one direct ``POST /v1/completions`` to 
 same token prompt and ``max_tokens`` equal to the tokens localcoder's request generated (so both do
 the same work; the prompt is cached by the remote after the first round in both paths). Reports p50
 of each and the p50 of the per-round difference: the latency the remote path adds.
+
+    python docs/measure_remote.py --serve http://127.0.0.1:8765 --direct http://127.0.0.1:8081 --typing
+
+The typing replay of ``localcoder bench`` (llama.vim's exact ``/infill`` bodies, a file typed character
+by character, mid-file / end-of-file / two files) sent, interleaved, to localcoder serve --engine remote
+(in front of one llama-server) and straight to a second llama-server on the same GGUF (its own
+``/infill``), so the two paths never share a cache: what a user typing feels through each.
 """
 
 from __future__ import annotations
@@ -71,14 +78,36 @@ def measure(remote: str, serve: str, model: str = "qwen2.5-coder-0.5b", n: int =
             "p50_added_ms": round(statistics.median(added), 2), "load": os.getloadavg()}
 
 
+def typing(serve: str, direct: str, file_a: str = "", file_b: str = "", chars: int = 40,
+           max_tokens: int = 16) -> list[dict[str, Any]]:
+    from localcoder import bench_editor as ed
+    from localcoder.bench import default_typing_file
+
+    workloads = ed.editor_workloads(file_a or str(default_typing_file()),
+                                    file_b or os.path.join(os.path.dirname(os.__file__), "shlex.py"), chars, max_tokens)
+    targets = [ed.InfillTarget("localcoder --engine remote", serve), ed.InfillTarget("llama-server /infill", direct)]
+    results = ed.run_replay(targets, workloads, lambda: None)
+    return [{"target": r.target, "workload": r.workload, **r.summary(), "load": os.getloadavg()} for r in results]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--remote", required=True)
-    p.add_argument("--serve", required=True)
+    p.add_argument("--remote", help="the llama-server behind localcoder serve --engine remote")
+    p.add_argument("--serve", required=True, help="localcoder serve --engine remote")
+    p.add_argument("--direct", help="a second llama-server on the same GGUF, for --typing")
+    p.add_argument("--typing", action="store_true", help="the editor typing replay through both paths")
+    p.add_argument("--chars", type=int, default=40, help="characters typed per replay (--typing)")
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
     p.add_argument("-n", type=int, default=30)
     args = p.parse_args()
-    print(json.dumps(measure(args.remote, args.serve, args.model, args.n), indent=2))
+    if args.typing:
+        if not args.direct:
+            p.error("--typing needs --direct URL (a second llama-server)")
+        print(json.dumps(typing(args.serve, args.direct, chars=args.chars), indent=2))
+    elif not args.remote:
+        p.error("--remote URL is required (or --typing with --direct)")
+    else:
+        print(json.dumps(measure(args.remote, args.serve, args.model, args.n), indent=2))
 
 
 if __name__ == "__main__":

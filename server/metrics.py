@@ -1,5 +1,5 @@
-"""Prometheus text exposition, written by hand (no client library): counters, one histogram
-family, gauges read at scrape time. One ``Metrics`` object lives on ``app.state``."""
+"""Prometheus text exposition, written by hand (no client library): counters, histogram
+families, gauges read at scrape time. One ``Metrics`` object lives on ``app.state``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.latency: dict[str, Histogram] = {}
         self.tokens = {"prompt": 0, "cached": 0, "generated": 0}
+        # the engine's own time per completion: prompt (to the first token; a remote engine's latency,
+        # network included) and decode, apart from the queueing and HTTP around them
+        self.engine = {phase: Histogram(LATENCY_BUCKETS_S) for phase in ("prompt", "decode")}
         self.cancellations: dict[str, int] = defaultdict(int)
         self.started = time.time()
 
@@ -60,6 +63,8 @@ class Metrics:
             self.tokens["prompt"] += result.prompt_tokens
             self.tokens["cached"] += result.tokens_cached
             self.tokens["generated"] += result.timings.predicted_n
+            self.engine["prompt"].observe(result.timings.prompt_ms / 1000.0)
+            self.engine["decode"].observe(result.timings.predicted_ms / 1000.0)
 
     def observe_cancel(self, reason: str) -> None:
         with self._lock:
@@ -75,6 +80,11 @@ class Metrics:
                       "# TYPE localcoder_request_seconds histogram"]
             for ep, hist in sorted(self.latency.items()):
                 lines += hist.lines("localcoder_request_seconds", f'endpoint="{ep}"')
+            lines += ["# HELP localcoder_engine_seconds Engine time per completion: prompt (to the first "
+                      "token, a remote engine's round trip included) and decode.",
+                      "# TYPE localcoder_engine_seconds histogram"]
+            for phase, hist in self.engine.items():
+                lines += hist.lines("localcoder_engine_seconds", f'phase="{phase}"')
             for kind, n in self.tokens.items():
                 lines += [f"# TYPE localcoder_{kind}_tokens_total counter", f"localcoder_{kind}_tokens_total {n}"]
             lines += ["# HELP localcoder_cancellations_total Generations cancelled, by reason.",

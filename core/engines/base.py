@@ -142,6 +142,9 @@ class Engine(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``counters() -> dict[str, float]``, numbers named like Prometheus series
+    # (``remote_requests_total``), exported by ``/metrics`` and shown by the LSP's stats.
+
 
 def check_request(request: GenerationRequest, n_ctx: int) -> None:
     from localcoder.errors import ContextTooLong, InvalidRequest

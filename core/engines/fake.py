@@ -106,6 +106,9 @@ class FakeEngine:
         with self._lock:
             return self._finished_tokens + (self._running.predicted_n if self._running else 0)
 
+    def counters(self) -> dict[str, float]:
+        return {"engine_tokens_generated": self.tokens_generated_total}
+
     def generate(self, request: GenerationRequest) -> TokenStream:
         check_request(request, self.n_ctx)
         return TokenStream(lambda timings: self._run(request, timings))

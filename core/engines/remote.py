@@ -55,6 +55,7 @@ class RemoteEngine:
         self._vocab_checked = False
         self.native = False  # llama-server: its own /completion streams token ids (found at first contact)
         self.requests = 0
+        self.errors = 0  # requests that ended in an error (remote down, HTTP error, cut stream, timeout)
         self.last_latency_ms = 0.0  # time to the first streamed token of the latest request
         self.check_vocabulary(required=False)
 
@@ -70,7 +71,12 @@ class RemoteEngine:
     def generate(self, request: GenerationRequest) -> TokenStream:
         check_request(request, self.n_ctx)
         self.check_vocabulary(required=False)
-        return TokenStream(lambda timings: self._run(request, timings))
+        return TokenStream(lambda timings: self._counted(request, timings))
+
+    def counters(self) -> dict[str, float]:
+        """For ``/metrics`` (the per-request latency is in ``localcoder_engine_seconds``)."""
+        return {"remote_requests_total": self.requests, "remote_errors_total": self.errors,
+                "remote_first_token_seconds_last": round(self.last_latency_ms / 1000.0, 6)}
 
     def reset_cache(self) -> None:
         """The remote manages its own prefix cache; requests may opt out with ``cache_prompt``."""
@@ -113,6 +119,13 @@ class RemoteEngine:
         if self.remote_model:
             body["model"] = self.remote_model
         return body
+
+    def _counted(self, request: GenerationRequest, timings: Timings) -> Iterator[int]:
+        try:
+            yield from self._run(request, timings)
+        except LocalcoderError:
+            self.errors += 1
+            raise
 
     def _run(self, request: GenerationRequest, timings: Timings) -> Iterator[int]:
         import httpx

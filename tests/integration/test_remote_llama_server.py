@@ -144,3 +144,34 @@ def test_text_only_path_retokenizes_to_the_same_text(stack, llama_engine):
     tok = llama_engine.tokenizer
     assert len(by_ids) > 4
     assert b"".join(map(tok.token_bytes, by_text)) == b"".join(map(tok.token_bytes, by_ids))
+
+
+async def test_the_lsp_completes_through_the_remote_engine(stack, model_05b_path):
+    """`localcoder lsp --engine remote`: the editor's completion is computed by the llama-server."""
+    import tempfile
+
+    from pytest_lsp import ClientServerConfig
+
+    from lsp_helpers import inline_params, init_params, open_doc, request, server_command, server_env
+
+    remote, _, _, _, _ = stack
+    env = server_env(tempfile.mkdtemp(prefix="lc-lsp-cfg-"))
+    env["LOCALCODER_HOME"] = str(model_05b_path.parents[2])
+    cmd = server_command("--model", DEFAULT_MODEL, "--engine", "remote", "--engine-url", remote,
+                         "--max-tokens", "16", "--mode", "single")
+    client = await ClientServerConfig(server_command=cmd, server_env=env).start()
+    try:
+        await client.initialize_session(init_params())
+        uri = "file:///work/proj/fib.py"
+        open_doc(client, uri, 'def fib(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n'
+                              '        return n\n    return \n\nprint(fib(10))\n')
+        res = await client.text_document_inline_completion_async(inline_params(uri, 4, 11))
+        text = res.items[0].insert_text
+        assert "fib(n - 1)" in text or "fib(n-1)" in text, text
+        s = await request(client, "localcoder/stats", {})
+        assert s["engine"] == "remote" and s["remote_requests_total"] >= 1 and s["remote_errors_total"] == 0, s
+        assert "torch" not in s["heavy_modules"]
+        assert client.messages == []
+        await client.shutdown_session()
+    finally:
+        await client.stop()

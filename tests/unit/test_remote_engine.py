@@ -281,7 +281,18 @@ def test_remote_down_gives_503_then_recovers_through_localcoder_serve():
             assert r.status_code == 200, r.text
             assert r.json()["content"] == "return a + b"
             assert httpx.get(f"{ours}/health", timeout=10).json()["remote"]["status"] == "ok"
+            metrics = metric_values(httpx.get(f"{ours}/metrics", timeout=10).text)
         assert engine._vocab_checked
+    # /metrics: the remote's requests and errors, and its latency in the engine histogram
+    assert metrics["localcoder_remote_requests_total"] == 2 and metrics["localcoder_remote_errors_total"] == 1
+    assert metrics['localcoder_engine_seconds_count{phase="prompt"}'] == 1  # the one that completed
+    assert 0 < metrics['localcoder_engine_seconds_sum{phase="prompt"}'] < 5
+    assert 0 < metrics["localcoder_remote_first_token_seconds_last"] < 5
+
+
+def metric_values(text: str) -> dict[str, float]:
+    return {name: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
 
 
 def test_engine_remote_from_config_needs_a_url():
