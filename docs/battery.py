@@ -3,6 +3,7 @@
     python docs/battery.py                      # starts `localcoder serve --engine fake` and `localcoder lsp`
     python docs/battery.py --url http://127.0.0.1:8765   # an already running server (HTTP cases only)
     python docs/battery.py --json               # totals as JSON
+    python docs/battery.py --model qwen2.5-coder-0.5b --no-lsp   # HTTP cases against the real llama.cpp engine
 
 It needs only the standard library and a `localcoder` on this Python. Every case has a deadline
 (``--timeout``, default 15 s): a reply that does not come in time is a hang. It prints, per group
@@ -194,12 +195,13 @@ def slow_clients(url: str, tally: Tally, n_header: int = 20, n_body: int = 10, b
         tally.add("http slow clients", name, outcome)
 
 
-def start_serve(env: dict) -> tuple[subprocess.Popen, str]:
+def start_serve(env: dict, model: str = "fake") -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([*LC, "serve", "--engine", "fake", "--model", "fake", "--port", str(port)],
+    engine = ["--engine", "fake"] if model == "fake" else ["--max-tokens", "8"]  # a real model: short answers
+    proc = subprocess.Popen([*LC, "serve", *engine, "--model", model, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
             if Http(url, 2).request("GET", "/health")[0] == 200:
@@ -214,13 +216,13 @@ def run_http(args, tally: Tally, env: dict) -> None:
     holder: dict[str, Any] = {}
 
     def restart() -> None:
-        holder["proc"], holder["url"] = start_serve(env)
+        holder["proc"], holder["url"] = start_serve(env, args.model)
         client.proc, client.port = holder["proc"], int(holder["url"].rsplit(":", 1)[1])
 
     if args.url:
         client = Http(args.url, args.timeout)
     else:
-        holder["proc"], holder["url"] = start_serve(env)
+        holder["proc"], holder["url"] = start_serve(env, args.model)
         client = Http(holder["url"], args.timeout, holder["proc"], restart)
     try:
         for name, method, path, body, headers, expect in http_cases():
@@ -499,6 +501,8 @@ def report(tally: Tally, as_json: bool) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="a running server on 127.0.0.1 (then only the HTTP cases run)")
+    p.add_argument("--model", default="fake", help="the model the HTTP cases' server runs (fake, or e.g. "
+                   "qwen2.5-coder-0.5b for the real llama.cpp engine)")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds before a case counts as a hang")
     p.add_argument("--no-lsp", action="store_true")
     p.add_argument("--no-model", action="store_true")

@@ -49,6 +49,12 @@ class UnsupportedMediaType(InvalidRequest):
     kind = "unsupported_media_type"
 
 
+class HeadersTooLarge(InvalidRequest):
+    """The request head (request line + headers) exceeds ``max_header_bytes``."""
+
+    kind = "request_header_fields_too_large"
+
+
 class RouteNotFound(LocalcoderError):
     kind = "not_found"
 
@@ -60,6 +66,7 @@ class MethodNotAllowed(LocalcoderError):
 # Most specific first: the first isinstance match wins (ContextTooLong is an InvalidRequest).
 STATUS: list[tuple[type[LocalcoderError], int]] = [
     (BodyTooLarge, 413),
+    (HeadersTooLarge, 431),
     (UnsupportedMediaType, 415),
     (ContextTooLong, 422),
     (InvalidRequest, 400),

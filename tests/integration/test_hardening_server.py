@@ -122,3 +122,27 @@ def test_connection_cap_answers_503_then_recovers():
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_oversized_request_head_is_431_with_a_json_body(serve, chunked):
+    """A 64 KB header (the battery's case): sent in one write, h11's incomplete-event bound never sees
+    it; the protocol measures the head and answers 431 naming the headers, then the server serves on."""
+    s = connect(serve)
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n"
+    if chunked:
+        for i in range(0, len(head), 4096):
+            s.sendall(head[i:i + 4096])
+    else:
+        s.sendall(head)
+    s.settimeout(8)
+    reply = b""
+    try:
+        while chunk := s.recv(4096):
+            reply += chunk
+    except ConnectionResetError:
+        pass
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    assert b'"param": "headers"' in reply and b"larger than 16384 bytes" in reply
+    ok = httpx.get(f"{serve}/health", headers={"X-Normal": "a" * 8000}, timeout=10)  # a big but legal head
+    assert ok.status_code == 200

@@ -61,6 +61,7 @@ def test_llama_vim_warmup_fills_the_cache_without_generating(fake):
     with client(url) as c:
         r = c.post("/infill", json=fixture("llama_vim_warmup"))
     assert r.status_code == 200 and r.json() == {}
+    assert wait_until(lambda: engine.prompts)  # the prefill runs in the background, after the answer
     assert engine.tokens_generated_total == 0
     assert "util/strings.py" in engine.prompts[-1]
 
