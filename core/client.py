@@ -252,6 +252,13 @@ class InProcessClient:
         if self.completer is not None:
             engine = self.completer.engine
             out.update(model=engine.model_name, engine=engine.name, device=engine.device, n_ctx=engine.n_ctx)
+            try:
+                out["fim_order"] = self.completer.order  # the prompt layout requests get
+            except LocalcoderError:  # a model without FIM tokens: requests say so, health does not fail
+                out["fim_order"] = None
+            adapter = getattr(engine, "adapter", None)
+            if adapter:  # a LoRA layout adapter: its file and what it teaches
+                out["adapter"] = {k: v for k, v in adapter.items() if k != "recipe"}
             for name in ("cache_info", "health"):  # optional engine capabilities (slots, a remote server)
                 fn = getattr(engine, name, None)
                 if callable(fn):

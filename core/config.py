@@ -46,6 +46,8 @@ class ModelConfig:
     fim_format: str = field(default="auto", metadata={"help": "FIM format name or auto (from the tokenizer)"})
     fim_order: FimOrder = field(default="auto", metadata={
         "help": "psm | spm | spm2 | auto (the model's trained order; others only when the model declares them)"})
+    adapter: str = field(default="auto", metadata={
+        "help": "llama.cpp LoRA adapter: auto (the layout adapter shipped for the model, if any) | off | a .gguf path"})
     cache_slots: int = field(default=3, metadata={
         "help": "llama.cpp: KV-cache slots (sequences of one context, ctx tokens each; files switch without re-reading)"})
     speculation: Speculation = field(default="off", metadata={

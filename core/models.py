@@ -20,6 +20,8 @@ re-checks on demand). A file that fails is refused with the ``pull --force`` hin
 
 from __future__ import annotations
 
+import dataclasses
+
 import errno
 import hashlib
 import importlib.resources
@@ -101,6 +103,9 @@ BUILTIN: dict[str, PackagedModel] = {
     ]
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+# Layout adapters shipped with the project (``localcoder distill --preset layout``): ``<model>.gguf``, a
+# llama.cpp LoRA that teaches the packaged model an append-only FIM order (its GGUF metadata says which).
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
 
 
 @dataclass
@@ -110,6 +115,30 @@ class ResolvedModel:
     path: Path | None
     fim_format: str = "auto"
     meta: dict = field(default_factory=dict)
+
+
+def shipped_adapter(name: str) -> Path | None:
+    path = ADAPTERS_DIR / f"{name}.gguf"
+    return path if path.is_file() else None
+
+
+def with_adapter(model: "ResolvedModel", setting: str) -> "ResolvedModel":
+    """The model with the LoRA adapter ``setting`` names (ModelConfig.adapter) in ``meta["adapter"]``:
+    ``auto`` = the one shipped for a packaged model (none: unchanged), ``off``, or a GGUF LoRA path."""
+    if setting in ("", "off"):
+        return model
+    if setting == "auto":
+        path = shipped_adapter(model.name) if model.kind == "gguf" else None
+        if path is None:
+            return model
+    else:
+        path = Path(setting).expanduser()
+        if model.kind != "gguf":
+            raise InvalidRequest(f"--adapter is a llama.cpp LoRA: it needs a GGUF model, {model.name} is {model.kind}",
+                                 param="adapter")
+        if not path.is_file():
+            raise ModelNotFound(f"LoRA adapter {path} does not exist", hint="pass a .gguf LoRA, auto or off")
+    return dataclasses.replace(model, meta={**model.meta, "adapter": str(path)})
 
 
 # ---- locations -------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from localcoder.distill.config import PRESETS, DistillConfig
 # help where the field's comment in config.py is missing or terse; every other flag's help is that comment
 _HELP = {
     "teacher": "teacher model: name, path or hub id",
-    "student": "start from this HF model (same tokenizer) instead of pruning the teacher",
+    "student": "start from this model (same tokenizer; `teacher`: the teacher itself) instead of pruning the teacher",
     "student_layers": "keep N of the teacher's blocks, chosen by measured importance",
     "data": "corpus directories (repeatable; default: the Python standard library source)",
     "out": "output directory (checkpoints, model/, report.md, metrics.jsonl)",
@@ -58,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"student: {result.model_dir}  (steps {result.state.step}, stopped by {result.state.stopped}; "
               f"report {result.out / 'report.md'})")
+        if cfg.lora_rank:  # the adapter alone, for llama.cpp next to the base GGUF (`serve --adapter`)
+            from localcoder.distill.layout import export_adapter
+
+            adapter = export_adapter(cfg, result.out)
+            print(f"adapter: {adapter.path} ({adapter.size / 1e6:.1f} MB, {cfg.fim_order} order; "
+                  f"serve it with --model {cfg.student} --adapter {adapter.path})")
     return 0
 
 

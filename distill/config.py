@@ -117,6 +117,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                    teacher_mode="cached", top_k=32, loss="fkl", alpha=0.1, loss_positions="all", lr=2e-4,
                    warmup_steps=10, val_every=100, val_rows=16, ckpt_every=50, max_train_files=600,
                    train_rows=400),
+    # a layout adapter (`localcoder distill --preset layout`): the model itself reading PSM teaches itself
+    # + a LoRA adapter to read our append-only `spm` order (suffix first: a keystroke only appends tokens),
+    # per-token aligned KD on every position, cuts inside lines included (char spans); the stdlib is the
+    # corpus. ~25 min on an idle 2-core CPU for the 0.5B (teacher top-k ~5 min, 70 steps); the adapter is
+    # exported as a GGUF LoRA (out/adapter.gguf) that llama.cpp loads next to the base GGUF.
+    "layout": dict(student="teacher", lora_rank=16, fim_order="spm", teacher_order="psm", fim_rate=1.0,
+                   loss="fkl", alpha=0.1, loss_positions="all", teacher_mode="cached", top_k=32, train_rows=240,
+                   seq_len=256, batch_size=4, steps=70, lr=2e-4, warmup_steps=10, val_every=35, ckpt_every=10),
     # one or more GPUs: longer sequences, bigger batches, online teacher, bf16 autocast.
     "gpu": dict(student_layers=12, seq_len=1024, batch_size=16, grad_accum=2, steps=3000, teacher_mode="online",
                 loss="fkl", alpha=0.1, loss_positions="all", lr=3e-4, warmup_steps=100, val_every=250,
@@ -142,6 +150,8 @@ def load(preset: str = "", file: str | None = None, overrides: dict[str, Any] | 
     if unknown:
         raise InvalidRequest(f"unknown config keys: {', '.join(sorted(unknown))}", param="config")
     cfg = DistillConfig(**values)
+    if cfg.student == "teacher":  # the teacher itself at full depth (the layout preset: a model teaches itself)
+        cfg.student = cfg.teacher
     cfg.preset = preset or cfg.preset
     cfg.check()
     return cfg

@@ -320,3 +320,70 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str 
     finally:
         f16.unlink(missing_ok=True)
     return GgufResult(out, type, res.arch, res.n_tensors, out.stat().st_size)
+
+
+# ---- LoRA adapters ---------------------------------------------------------------------------------------------
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_pairs(tensors) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{hf weight name: (A [r, in], B [out, r])}`` from PEFT-named tensors, as PEFT saves them
+    (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``) or as a training checkpoint
+    holds them (``...lora_A.default.weight``)."""
+    a, b = {}, {}
+    for name, t in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", name)
+        if m is None:
+            continue
+        data = t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t, dtype=np.float32)
+        (a if m.group(2) == "A" else b)[m.group(1) + ".weight"] = data
+    if not a or set(a) != set(b):
+        raise ModelCorrupt(f"no complete LoRA A/B pairs among {len(tensors)} tensors "
+                           f"({len(a)} A, {len(b)} B)")
+    return {name: (a[name], b[name]) for name in sorted(a)}
+
+
+def write_lora_gguf(tensors, out: str | os.PathLike, *, alpha: float, base_config: dict, name: str,
+                    meta: dict[str, str] | None = None) -> GgufResult:
+    """A llama.cpp GGUF LoRA adapter (``general.type`` adapter, ``adapter.lora.alpha``; tensors
+    ``blk.N.attn_q.weight.lora_a`` [in, r] / ``.lora_b`` [r, out] in GGUF order, F16), loadable next
+    to the base GGUF (``--lora`` / ``llama_adapter_lora_init``). llama.cpp scales by alpha / rank, as
+    PEFT does. ``meta``: string keys written as ``localcoder.<key>`` (the layout it teaches...)."""
+    import gguf
+
+    out = Path(out)
+    archs = base_config.get("architectures") or []
+    arch = next((ARCHS[a] for a in archs if a in ARCHS), None)
+    if arch is None:
+        raise InvalidRequest(f"LoRA export supports {', '.join(ARCHS)}; the base is {archs or 'unknown'}", param="model")
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_enum, base_config["num_hidden_layers"])
+    n_head = base_config["num_attention_heads"]
+    n_kv = base_config.get("num_key_value_heads", n_head)
+    pairs = lora_pairs(tensors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_name(name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        for key, value in (meta or {}).items():
+            writer.add_string(f"localcoder.{key}", str(value))
+        for hf_name, (lora_a, lora_b) in pairs.items():
+            new = names.get_name(hf_name, try_suffixes=(".weight",))
+            if new is None:
+                raise InvalidRequest(f"LoRA tensor {hf_name} has no GGUF name for {arch}", param="model")
+            if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):  # rows as the base's
+                lora_b = _permute_for_llama(lora_b, n_head if "q_proj" in hf_name else n_kv)
+            for suffix, data in ((".lora_a", lora_a), (".lora_b", lora_b)):
+                writer.add_tensor(new + suffix, data.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return GgufResult(out, "f16", arch, 2 * len(pairs), out.stat().st_size)

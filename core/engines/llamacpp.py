@@ -121,7 +121,7 @@ class LlamaCppEngine:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int = 0,
                  n_batch: int = 512, gpu_layers: int = -1, device: str = "auto", model_name: str | None = None,
-                 cache_slots: int = 1, drafter=None):
+                 cache_slots: int = 1, drafter=None, adapter: str | os.PathLike | None = None):
         llama_cpp = _import_llama()
         path = Path(model_path)
         if not path.is_file():
@@ -141,6 +141,9 @@ class LlamaCppEngine:
         from llama_cpp import _internals
 
         self._lib = llama_cpp
+        self.adapter: dict[str, str] = {}  # the LoRA adapter applied to every request: path + its metadata
+        if adapter:
+            self._apply_adapter(Path(adapter), path)
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.model_name = model_name or path.stem
@@ -160,9 +163,10 @@ class LlamaCppEngine:
         from localcoder import models
         from localcoder.engines.speculative import build_drafter
 
-        def engine(path, name, drafter=None) -> "LlamaCppEngine":
+        def engine(path, name, drafter=None, adapter=None) -> "LlamaCppEngine":
             return cls(path, n_ctx=cfg.ctx, n_threads=cfg.threads, n_batch=cfg.batch, gpu_layers=cfg.gpu_layers,
-                       device=cfg.device, model_name=name, cache_slots=cfg.cache_slots, drafter=drafter)
+                       device=cfg.device, model_name=name, cache_slots=cfg.cache_slots, drafter=drafter,
+                       adapter=adapter)
 
         def load_draft(name: str) -> "LlamaCppEngine":
             draft = models.resolve(name)
@@ -171,10 +175,41 @@ class LlamaCppEngine:
             return engine(draft.path, draft.name)
 
         drafter = build_drafter(cfg.speculation, cfg.draft_model, load_draft)
-        target = engine(model.path, model.name, drafter)
+        target = engine(model.path, model.name, drafter, model.meta.get("adapter"))
         if drafter is not None and hasattr(drafter, "engine"):
             check_same_tokenizer(target, drafter.engine)
         return target
+
+    def _apply_adapter(self, adapter: Path, base: Path) -> None:
+        """Load a GGUF LoRA adapter (``localcoder distill --preset layout`` writes them) onto this
+        context; its ``localcoder.*`` metadata (the FIM orders it teaches) lands in ``self.adapter``."""
+        import ctypes
+
+        lib = self._lib
+        if not adapter.is_file():
+            raise ModelCorrupt(f"LoRA adapter not found: {adapter}", hint="check --adapter (or use --adapter off)")
+        ptr = lib.llama_adapter_lora_init(self.model.model, str(adapter).encode())
+        if not ptr:
+            raise ModelCorrupt(f"llama.cpp could not load the LoRA adapter {adapter} onto {base.name}: not a GGUF "
+                               "LoRA, or made for another base model", hint="use --adapter off, or the adapter's base")
+        self._lora = ptr  # sample_many's own context applies it too
+        if lib.llama_set_adapters_lora(self.ctx.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(ptr), 1,
+                                       (ctypes.c_float * 1)(1.0)):
+            raise ModelCorrupt(f"llama.cpp could not apply the LoRA adapter {adapter}")
+        meta = {"path": str(adapter)}
+        buf = ctypes.create_string_buffer(4096)
+        for i in range(lib.llama_adapter_meta_count(ptr)):  # freed with the model
+            if lib.llama_adapter_meta_key_by_index(ptr, i, buf, len(buf)) < 0:
+                continue
+            key = buf.value.decode("utf-8", "replace")
+            if key.startswith("localcoder.") and lib.llama_adapter_meta_val_str_by_index(ptr, i, buf, len(buf)) >= 0:
+                meta[key.removeprefix("localcoder.")] = buf.value.decode("utf-8", "replace")
+        self.adapter = meta
+
+    @property
+    def declared_orders(self) -> tuple[str, ...]:
+        """FIM orders the loaded adapter was trained for (``localcoder.fim_orders``), first preferred."""
+        return tuple(o for o in self.adapter.get("fim_orders", "").split(",") if o)
 
     @property
     def cache(self) -> PrefixCache:

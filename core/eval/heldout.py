@@ -1,7 +1,8 @@
 """Held-out FIM cases sampled deterministically from any directory of source files (any language).
 
-Kinds: ``line`` (one whole non-trivial line is the hole; single-line mode) and ``block`` (2-6
-consecutive lines; multi-line mode). Prefix and suffix are cut at line boundaries to at most
+Kinds: ``line`` (one whole non-trivial line is the hole; single-line mode), ``partial`` (a line typed
+up to a uniform point inside it, often inside a word: the hole is the rest of the line, as when a
+user pauses mid-line; single-line mode) and ``block`` (2-6 consecutive lines; multi-line mode). Prefix and suffix are cut at line boundaries to at most
 ``max_prefix_chars`` / ``max_suffix_chars`` around the hole, so cases stay small; the completer's
 token budget trims further.
 """
@@ -64,7 +65,7 @@ def sample_cases(paths: Iterable[str | Path], n: int, seed: int = 0, kinds: Sequ
             continue
         lines = text.splitlines(keepends=True)
         kind = kinds[rng.randrange(len(kinds))]
-        span = 1 if kind == "line" else rng.randint(2, 6)
+        span = 1 if kind in ("line", "partial") else rng.randint(2, 6)
         i = rng.randrange(len(lines))
         if (str(path), i) in seen or i + span > len(lines) or not _good_line(lines[i]):
             continue
@@ -73,10 +74,15 @@ def sample_cases(paths: Iterable[str | Path], n: int, seed: int = 0, kinds: Sequ
         seen.add((str(path), i))
         prefix = "".join(lines[:i])
         suffix = "".join(lines[i + span:])
+        reference = "".join(lines[i:i + span])
+        if kind == "partial":  # the typed part of the line joins the prefix; the rest of it is the answer
+            body = lines[i].rstrip("\n").lstrip()
+            typed = lines[i][: len(lines[i]) - len(lines[i].lstrip())] + body[: rng.randrange(len(body))]
+            prefix, reference = prefix + typed, lines[i].rstrip("\n")[len(typed):]
         cut = prefix.find("\n", max(0, len(prefix) - max_prefix_chars)) + 1 if len(prefix) > max_prefix_chars else 0
         end = suffix.rfind("\n", 0, max_suffix_chars) + 1 if len(suffix) > max_suffix_chars else len(suffix)
         cases.append(FimCase(
             id=f"{path.name}:{i + 1}:{kind}", prefix=prefix[cut:], suffix=suffix[:end],
-            reference="".join(lines[i:i + span]), mode="single" if kind == "line" else "multi",
+            reference=reference, mode="multi" if kind == "block" else "single",
             language=EXTENSIONS.get(path.suffix, "text"), path=str(path)))
     return cases

@@ -189,10 +189,11 @@ def detect_format(tok: Tokenizer) -> FimFormat:
 
 
 def resolve_order(fmt: FimFormat, requested: str, declared: Sequence[str] = ()) -> str:
-    """The order to build prompts in: ``auto`` is the format's first trained order; an explicit one must
-    be trained for (the format's ``trained_orders``) or ``declared`` by the model (an adapter taught it)."""
+    """The order to build prompts in: ``auto`` is the first order the model ``declared`` (a layout
+    adapter taught it), else the format's first trained order; an explicit one must be trained for
+    (the format's ``trained_orders``) or declared."""
     if requested in ("", "auto"):
-        return fmt.trained_orders[0]
+        return declared[0] if declared and declared[0] in ORDERS else fmt.trained_orders[0]
     if requested not in ORDERS:
         raise InvalidRequest(f"fim_order must be {', '.join(ORDERS)} or auto, got {requested!r}", param="fim_order")
     if requested not in fmt.trained_orders and requested not in declared:

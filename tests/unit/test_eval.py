@@ -56,6 +56,38 @@ def test_heldout_cases_are_deterministic_and_consistent(tmp_path):
         assert c.prefix + c.reference + c.suffix in original
 
 
+def test_heldout_partial_cases_cut_inside_the_line(tmp_path):
+    for i in range(3):
+        (tmp_path / f"m{i}.py").write_text("".join(f"    value_{i}_{j} = compute({j})\n" for j in range(40)))
+    cases = heldout.sample_cases([tmp_path], 30, seed=1, kinds=("partial",))
+    assert len(cases) == 30 and all(c.mode == "single" for c in cases)
+    for c in cases:
+        original = (tmp_path / c.path.split("/")[-1]).read_text()
+        assert c.prefix + c.reference + "\n" + c.suffix in original  # the rest of the line is the answer
+        assert c.reference and "\n" not in c.reference
+    assert len({len(c.reference) for c in cases}) > 5  # cut at many points, not only line starts
+
+
+def test_baseline_setting_builds_a_second_completer_and_reports_the_paired_difference(capsys):
+    from localcoder.eval.cli import against_baseline, baseline_completer
+    from localcoder.errors import InvalidRequest
+    from localcoder.config import Config
+    import argparse
+
+    cfg = Config()
+    cfg.apply({"model": "fake"})
+    base = baseline_completer(cfg, "token_healing=false,max_tokens=8")
+    assert base.token_healing is False and cfg.completion.token_healing is True  # cfg itself unchanged
+    with pytest.raises(InvalidRequest):
+        baseline_completer(cfg, "token_healing")
+    tasks = humaneval_infill.load_tasks("single", 4, seed=0)
+    good = evaluate(Completer(FakeEngine(completion="    return None\n")), tasks, progress=False, name="t", execute=False)
+    args = argparse.Namespace(no_exec=True, quiet=True, baseline="x=y", max_tokens=None, cold=False)
+    against_baseline(Completer(FakeEngine(completion="zzz\n")), tasks, "t", args, good)
+    err = capsys.readouterr().err
+    assert "ES vs baseline" in err and "n=4" in err
+
+
 def test_runner_scores_a_fake_engine():
     tasks = humaneval_infill.load_tasks("single", 5, seed=0)
     report = evaluate(Completer(FakeEngine(completion="    return None\n")), tasks, progress=False, name="t")
