@@ -1,11 +1,14 @@
-"""The distillation recipe, top to bottom: data -> teacher -> student -> targets -> train -> export.
+"""The distillation recipe, top to bottom: data -> teacher -> student -> targets -> train -> on-policy -> export.
 
-Read ``train(cfg)``: each stage is a small helper below it. Components live elsewhere (data.py,
-dedup.py, fim_transform.py, students.py, losses.py, teacher.py, evaluate.py); this file only wires
-them and owns the loop: AdamW, warm-up + cosine (over steps or over a wall-clock budget, whichever
-ends first), gradient accumulation and clipping, optional gradient checkpointing, bf16 autocast on
-CUDA, DDP under torchrun (gloo on CPU, NCCL on GPU), periodic validation, atomic checkpoints with
-exact resume (model, optimizer, data position = step, RNG, elapsed time), early stopping, JSONL metrics.
+Read ``train(cfg)``: prepare (data, teacher, student) -> teacher top-k cache -> optimizer steps with periodic
+validation and checkpoints -> the optional on-policy (GKD) phase -> final validation -> export. Every optimizer
+step of both phases goes through one function, ``optimizer_step``: AdamW at the warm-up + cosine learning
+rate (over steps or over a wall-clock budget, whichever ends first), gradient accumulation over micro-batches,
+bf16 autocast on CUDA, gradient clipping; the phases differ only in their micro-batches and loss
+(``kd_loss``: cached top-k / online teacher / CE; ``gkd_loss``: JSD on the student's own samples).
+Components live elsewhere: data.py, dedup.py, fim_transform.py (the corpus), students.py (the student's
+init), losses.py, teacher.py (targets), evaluate.py, checkpoint.py (format, exact resume), distributed.py
+(DDP / FSDP2 under torchrun), memory.py (will it fit), lora.py, report.py.
 """
 
 from __future__ import annotations
@@ -21,85 +24,30 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from localcoder.distill import checkpoint, distributed, evaluate, losses, students
 from localcoder.distill import data as data_mod
-from localcoder.distill import evaluate, losses, students
+from localcoder.distill.checkpoint import CKPT_DIR, RunState, load_checkpoint, save_checkpoint, seed_everything
 from localcoder.distill.config import DistillConfig
 from localcoder.distill.dedup import dedup
+from localcoder.distill.distributed import Dist, init_distributed, is_fsdp, shard_fsdp
 from localcoder.distill.fim_transform import FimSpec, Packed, build_split, tokenizer_hash
+from localcoder.distill.lora import with_lora
+from localcoder.distill.memory import check_fits, check_memory, estimate_memory_gb
 from localcoder.distill.teacher import TopKCache, cache_dir_for, online_logits, onpolicy_rows
-from localcoder.errors import InvalidRequest, ModelCorrupt
+from localcoder.errors import InvalidRequest
 
-CKPT_DIR = "checkpoints"
-
-
-# ---- distributed -----------------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+# re-exported: these lived here before checkpoint.py / distributed.py / memory.py existed
+__all__ = ["train", "Result", "Run", "RunState", "get_lr", "progress_of", "rows_for_step", "optimizer_step",
+           "kd_step", "onpolicy_step", "prepare_data", "Dist", "init_distributed", "is_fsdp", "shard_fsdp",
+           "CKPT_DIR", "save_checkpoint", "load_checkpoint", "estimate_memory_gb", "check_memory"]
 
 
-def init_distributed(device: str) -> Dist:
-    """torchrun / accelerate launch set WORLD_SIZE, RANK, LOCAL_RANK; one process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    backend = "nccl" if device == "cuda" else "gloo"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend)
-    return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def shard_fsdp(model) -> None:
-    """FSDP2: every decoder block is its own unit (gathered just in time, resharded after), then the root
-    (embeddings, final norm, lm_head). Frozen parameters are sharded too; they just get no gradient."""
-    from torch.distributed.fsdp import fully_shard
-
-    for block in model.model.layers:
-        fully_shard(block)
-    fully_shard(model)
-
-
-def is_fsdp(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def _full_state(model, opt=None):
-    """Full (unsharded) model and optimizer state dicts of an FSDP model on rank 0, CPU ({} elsewhere).
-    A collective: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=o), (get_optimizer_state_dict(model, opt, options=o) if opt else None)
-
-
-# ---- run state ---------------------------------------------------------------------------------------------------
-@dataclass
-class RunState:
-    step: int = 0  # optimizer steps done == data position (rows are a pure function of the step)
-    elapsed: float = 0.0  # seconds spent in the training loop (validation and checkpoints excluded)
-    tokens: int = 0  # loss-carrying tokens seen
-    best_val: float = math.inf
-    bad_vals: int = 0
-    stopped: str = ""
-    history: list[dict] = field(default_factory=list)
-
-
+# ---- schedule and data order ------------------------------------------------------------------------------------
 def get_lr(cfg: DistillConfig, progress: float, step: int) -> float:
     """Linear warm-up, then cosine to min_lr_ratio * lr; progress in [0, 1] (steps or wall clock)."""
     if step < cfg.warmup_steps:
@@ -127,22 +75,6 @@ def rows_for_step(step: int, n_rows: int, per_step: int, seed: int) -> list[int]
         epoch, pos = divmod(g, n_rows)
         out.append(_epoch_perm(n_rows, seed, epoch)[pos])
     return out
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
 
 
 def log(msg: str, dist: Dist | None = None) -> None:
@@ -216,45 +148,6 @@ def teacher_dir(spec: str) -> tuple[Path, str]:
     return Path(m.path), m.name
 
 
-def estimate_memory_gb(cfg: DistillConfig, teacher_params: int, student_params: int, trainable: int,
-                       hidden: int, vocab: int, n_layers: int, teacher_resident: bool, world: int = 1,
-                       sharded: bool = False) -> float:
-    """Peak bytes of one process, roughly: weights + grads + AdamW states + activations + (B, L, V) logit
-    tensors. With ``world`` processes each takes batch/world rows; FSDP (``sharded``) also divides the
-    weights and optimizer states (plus one gathered block)."""
-    tokens = -(-cfg.batch_size // world) * cfg.seq_len
-    shard = world if sharded else 1
-    weights = 4 * (student_params + (teacher_params if teacher_resident else 0)) / shard
-    optim = 4 * 3 * trainable / shard
-    per_layer = (2 if cfg.grad_checkpointing else 24) * hidden * 4
-    acts = tokens * n_layers * per_layer
-    logit_copies = 4 + (2 if cfg.teacher_mode == "online" and cfg.loss != "ce" else 0)
-    logits = tokens * vocab * 4 * logit_copies
-    return (weights + optim + acts + logits) / 2**30 * 1.15
-
-
-def available_memory_gb(device: str) -> float:
-    if device == "cuda":
-        free, _ = torch.cuda.mem_get_info()
-        return free / 2**30
-    try:
-        with open("/proc/meminfo") as fh:
-            info = {line.split(":")[0]: int(line.split()[1]) for line in fh}
-        return info["MemAvailable"] / 2**20
-    except (OSError, KeyError, ValueError):
-        return float("inf")
-
-
-def check_memory(cfg: DistillConfig, need_gb: float, device: str) -> None:
-    have = cfg.memory_limit_gb or available_memory_gb(device)
-    if need_gb > 0.9 * have:
-        raise InvalidRequest(
-            f"this run needs about {need_gb:.1f} GiB but only {have:.1f} GiB is available: refusing to start "
-            "rather than be killed half way", param="batch_size",
-            hint="lower --batch-size or --seq-len (raise --grad-accum to keep the tokens per step), use "
-                 "--teacher-mode cached, --grad-checkpointing, or fewer --student-layers")
-
-
 def build_student(cfg: DistillConfig, tdir: Path, calib: torch.Tensor, out: Path, dist: Dist):
     """Init once and save to out/init (resume reloads it: pruning is not re-measured)."""
     init_dir = out / "init"
@@ -284,95 +177,91 @@ def build_student(cfg: DistillConfig, tdir: Path, calib: torch.Tensor, out: Path
     return model, tok, init
 
 
-# ---- stage 3: checkpoints -----------------------------------------------------------------------------------------
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def prepare_student(cfg: DistillConfig, tdir: Path, teacher, t_tok_hf, data: Data, out: Path, dist: Dist,
+                    device: str):
+    """Student init -> checks (tokenizer, size) -> frozen embeddings / LoRA -> memory check -> gradient
+    checkpointing -> placed: FSDP-sharded (with the teacher) or moved to the device (with the teacher).
+    Returns (student, its tokenizer, StudentInit, memory estimate in GiB per process)."""
+    calib = torch.as_tensor(data.train.teacher_ids[:8]).long()  # (8, L) calibration code
+    student, s_tok, init = build_student(cfg, tdir, calib, out, dist)
+    students.check_tokenizers(t_tok_hf, s_tok)
+    students.check_not_larger(teacher, student)
+    if cfg.freeze_embeddings:
+        students.freeze_embeddings(student)
+    if cfg.lora_rank:
+        student = with_lora(student, cfg.lora_rank)
+    fsdp = dist.world > 1 and cfg.parallel == "fsdp"
+    need = check_fits(cfg, teacher, student, world=dist.world, sharded=fsdp, device=device)
+    if cfg.grad_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
+    if fsdp:  # fully_shard moves each rank's shards to the mesh's device: no rank ever holds a whole model there
+        if cfg.batch_size % dist.world:
+            raise InvalidRequest(f"--parallel fsdp needs --batch-size divisible by the {dist.world} processes "
+                                 f"(every rank runs the same number of forwards), got {cfg.batch_size}",
+                                 param="batch_size")
+        shard_fsdp(teacher)
+        shard_fsdp(student)
+    else:
+        teacher.to(device)
+        student.to(device)
+    return student, s_tok, init, need
 
 
-def checkpoint_blob(model, opt) -> dict | None:
-    """What a checkpoint holds. FSDP: gathered to full tensors (a collective; None on ranks other than 0), the
-    optimizer state keyed by parameter name, so a checkpoint does not depend on how it was sharded."""
-    if is_fsdp(model):
-        full, optim = _full_state(model, opt)
-        if torch.distributed.get_rank() != 0:
-            return None
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        return {"model": {n: t for n, t in full.items() if n in names}, "optim": optim, "rng": rng_state(),
-                "fsdp": True}
-    return {"model": trainable_state(model), "optim": opt.state_dict(), "rng": rng_state()}
+def make_optimizer(cfg: DistillConfig, student) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on vectors (norms, biases)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                             foreach=True)
 
 
-def save_checkpoint(out: Path, model, opt, st: RunState, keep: int, blob: dict | None = None) -> Path:
-    """Write to a temporary directory, fsync, rename, then move the ``latest`` pointer; older
-    checkpoints are pruned only after the new one is complete (kill -9 never loses the last good one).
-    ``blob``: from checkpoint_blob (pass it for FSDP, where gathering it is a collective)."""
-    root = out / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{st.step:07d}"
-    tmp = root / f".tmp-step-{st.step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(blob if blob is not None else checkpoint_blob(model, opt), tmp / "state.pt")
-    state = {k: v for k, v in st.__dict__.items()}
-    (tmp / "run.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = root / "latest"
-    ptmp = root / f".latest.{os.getpid()}"
-    ptmp.write_text(final.name)
-    os.replace(ptmp, pointer)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+# ---- the run ------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the stages of one run share; built once in ``train`` and passed to every step."""
+    cfg: DistillConfig
+    out: Path
+    dist: Dist
+    device: str
+    tok: Any  # the teacher's tokenizer (HFTokenizer); the student's is identical (checked)
+    fmt: Any  # the FIM format of that tokenizer
+    data: Data
+    student: Any  # the model being trained (maybe LoRA-wrapped, maybe FSDP-sharded)
+    model: Any  # what the training forward runs: the student or its DDP wrapper
+    teacher: Any  # None once cached targets make it unneeded
+    opt: torch.optim.Optimizer
+    teacher_name: str = ""
+    cache: TopKCache | None = None  # the teacher's top-k for the training rows (None: online teacher or CE)
+    val_cache: TopKCache | None = None
+    autocast_dtype: torch.dtype | None = None  # bf16 on CUDA
+    val_rows: Packed | None = None
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype)
+
+    def append(self, rec: dict) -> None:
+        """One JSONL metrics record (rank 0 writes)."""
+        if self.dist.main:
+            with open(self.metrics_file, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def checkpoint(self, st: RunState) -> None:
+        checkpoint.write(self.out, self.student, self.opt, st, self.cfg.keep_checkpoints, self.dist)
 
 
-def load_checkpoint(out: Path, model, opt) -> RunState | None:
-    """Newest loadable checkpoint; a corrupt one is reported and skipped (never deleted)."""
-    root = out / CKPT_DIR
-    if not root.exists():
-        return None
-    cands = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
-    if not cands:
-        return None
-    problems = []
-    for ck in cands:
-        try:
-            blob = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
-            st = RunState(**json.loads((ck / "run.json").read_text()))
-            named = dict(model.named_parameters())
-            missing = [n for n in named if named[n].requires_grad and n not in blob["model"]]
-            if missing or any(n not in named or named[n].shape != t.shape for n, t in blob["model"].items()):
-                raise ValueError(f"parameters do not match this student ({len(missing)} missing)")
-            if bool(blob.get("fsdp")) != is_fsdp(model):
-                raise ValueError("written by a " + ("--parallel fsdp" if blob.get("fsdp") else "non-FSDP") +
-                                 " run; resume with the same --parallel")
-            if is_fsdp(model):  # every rank read the full file; each keeps its shard
-                from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                     set_optimizer_state_dict)
-
-                o = StateDictOptions(full_state_dict=True, strict=False)
-                set_model_state_dict(model, blob["model"], options=o)
-                set_optimizer_state_dict(model, opt, blob["optim"], options=o)
-            else:
-                with torch.no_grad():
-                    for n, t in blob["model"].items():
-                        named[n].copy_(t)
-                opt.load_state_dict(blob["optim"])
-            set_rng_state(blob["rng"])
-        except Exception as exc:  # torn/garbled file: any loader error means "not usable"
-            problems.append(f"{ck.name}: {type(exc).__name__}: {str(exc)[:120]}")
-            print(f"[distill] warning: checkpoint {ck} is corrupt ({problems[-1]}); left in place, "
-                  "trying an older one", file=sys.stderr)
-            continue
-        return st
-    raise ModelCorrupt(f"no usable checkpoint in {root}: " + "; ".join(problems),
-                       hint="the files were left in place; move them away or start without --resume")
-
-
-# ---- stage 4: the loop -----------------------------------------------------------------------------------------------
 @dataclass
 class Result:
     out: Path
@@ -381,9 +270,11 @@ class Result:
     provenance: dict
 
 
+# ---- the recipe -------------------------------------------------------------------------------------------------
 def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> Result:
     from localcoder.engines.torch import HFTokenizer, pick_device
     from localcoder.fim.formats import detect_format
+    from localcoder.models import home
 
     cfg.check()
     device = pick_device(cfg.device)
@@ -394,15 +285,13 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    if out.exists() and (out / CKPT_DIR).exists() and not resume and any((out / CKPT_DIR).glob("step-*")):
+    if checkpoint.has_checkpoints(out) and not resume:
         raise InvalidRequest(f"{out} already holds checkpoints of a run", param="out",
                              hint="pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    from localcoder.models import home
-
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else home() / "distill-cache"
 
-    # teacher tokenizer + data
+    # 1. prepare: teacher (and its tokenizer) -> data -> student
     tdir, tname = teacher_dir(cfg.teacher)
     import transformers
 
@@ -420,70 +309,31 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
     if dist.main:
         (out / "splits.json").write_text(json.dumps({"val": [str(p) for p in data.val_files],
                                                      "test": [str(p) for p in data.test_files]}, indent=0))
-
-    # student
-    calib = torch.as_tensor(data.train.teacher_ids[:8]).long()  # (8, L) calibration code
-    student, s_tok, init = build_student(cfg, tdir, calib, out, dist)
-    students.check_tokenizers(t_tok_hf, s_tok)
-    students.check_not_larger(teacher, student)
-    if cfg.freeze_embeddings:
-        students.freeze_embeddings(student)
-    if cfg.lora_rank:
-        student = _with_lora(student, cfg.lora_rank)
+    student, s_tok, init, need = prepare_student(cfg, tdir, teacher, t_tok_hf, data, out, dist, device)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    fsdp = dist.world > 1 and cfg.parallel == "fsdp"
-    need = estimate_memory_gb(cfg, students.count_params(teacher), students.count_params(student), trainable,
-                              student.config.hidden_size, student.config.vocab_size,
-                              student.config.num_hidden_layers, teacher_resident=True, world=dist.world,
-                              sharded=fsdp)
-    # on CPU every local rank shares this host's memory; on CUDA each has its own device
-    check_memory(cfg, need * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1), device)
     log(f"student: {init.method}, layers {init.layers_kept}, {students.count_params(student) / 1e6:.0f}M params "
         f"({trainable / 1e6:.0f}M trainable); teacher {tname}: {students.count_params(teacher) / 1e6:.0f}M; "
         f"memory estimate {need:.1f} GiB per process" + (f", {dist.world} processes ({cfg.parallel})"
                                                           if dist.world > 1 else ""), dist)
-    if cfg.grad_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        student.config.use_cache = False
-    if fsdp:  # fully_shard moves each rank's shards to the mesh's device: no rank ever holds a whole model there
-        if cfg.batch_size % dist.world:
-            raise InvalidRequest(f"--parallel fsdp needs --batch-size divisible by the {dist.world} processes "
-                                 f"(every rank runs the same number of forwards), got {cfg.batch_size}",
-                                 param="batch_size")
-        shard_fsdp(teacher)
-        shard_fsdp(student)
-    else:
-        teacher.to(device)
-        student.to(device)
+    run = Run(cfg, out, dist, device, tok, fmt, data, student, distributed.wrap_ddp(student, dist, device), teacher,
+              make_optimizer(cfg, student), teacher_name=tname,
+              autocast_dtype=torch.bfloat16 if device == "cuda" else None,
+              val_rows=data.val.rows(slice(0, min(cfg.val_rows, len(data.val)))))
 
-    # teacher targets for every row this schedule will read (+ validation rows)
-    per_step = cfg.batch_size * cfg.grad_accum
-    cache = val_cache = None
+    # 2. teacher targets for every row this schedule will read (+ validation rows)
     if cfg.teacher_mode == "cached":
-        cache, val_cache = _fill_teacher_cache(cfg, teacher, data, tok, tname, cache_dir, dist, progress)
+        run.cache, run.val_cache = fill_teacher_cache(run, cache_dir, progress)
         if not cfg.onpolicy_steps:  # not needed in the loop any more (on-policy excludes FSDP, see config)
-            teacher = None
+            run.teacher = None
 
-    model = student
-    if dist.world > 1 and not fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dist.local_rank] if device == "cuda" else None)
-    params = [p for p in student.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                            foreach=True)
     st = RunState()
-    if resume:
-        loaded = load_checkpoint(out, student, opt)
-        if loaded is not None:
-            st = loaded
-            log(f"resumed at step {st.step} ({st.elapsed:.0f} s trained)", dist)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1)) if dist.main else None
-    metrics_file = out / "metrics.jsonl"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
-    val_rows = data.val.rows(slice(0, min(cfg.val_rows, len(data.val))))
+    if resume and (loaded := load_checkpoint(out, student, run.opt)) is not None:
+        st = loaded
+        log(f"resumed at step {st.step} ({st.elapsed:.0f} s trained)", dist)
+    if dist.main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
+    # 3. steps, with periodic validation and checkpoints
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=st.step, desc="distill", disable=not (progress and dist.main),
@@ -494,56 +344,51 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
             st.stopped = "steps" if st.step >= cfg.steps else "time budget"
             break
         t_step = time.perf_counter()
-        lr = get_lr(cfg, progress_of(cfg, st), st.step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        rows = rows_for_step(st.step, len(data.train), per_step, cfg.seed)
-        loss_val, ntok, parts = _optimizer_step(cfg, model, student, opt, data.train, rows, cache, teacher,
-                                                dist, device, autocast)
+        step = kd_step(run, st)
         st.step += 1
         dt = time.perf_counter() - t_step
         st.elapsed += dt
-        st.tokens += ntok
-        window_tokens += ntok * dist.world
+        st.tokens += step.tokens
+        window_tokens += step.tokens * dist.world
         window_time += dt
         bar.update(1)
         if st.step % cfg.log_every == 0 or st.step == 1:
-            rec = {"step": st.step, "loss": round(loss_val, 5), "lr": lr, "tok_s": round(window_tokens / window_time, 1),
-                   "elapsed_s": round(st.elapsed, 1)} | {k: round(v, 5) for k, v in parts.items()}
-            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tok_s']:.0f}")
-            _append(metrics_file, rec, dist)
+            rec = {"step": st.step, "loss": round(step.loss, 5), "lr": step.lr,
+                   "tok_s": round(window_tokens / window_time, 1), "elapsed_s": round(st.elapsed, 1)}
+            rec |= {k: round(v, 5) for k, v in step.parts.items()}
+            bar.set_postfix(loss=f"{step.loss:.3f}", tok_s=f"{rec['tok_s']:.0f}")
+            run.append(rec)
             window_tokens, window_time = 0, 0.0
         if st.step % cfg.val_every == 0:
-            _validate(cfg, student, val_rows, val_cache, teacher, data, tok, fmt, st, metrics_file, dist)
-            st.stopped = _agree_on_stop(st.stopped, dist)
+            validate(run, st)
+            st.stopped = distributed.agree_on_stop(st.stopped, dist)
         if st.step % cfg.ckpt_every == 0:
-            _checkpoint(out, student, opt, st, cfg, dist)
+            run.checkpoint(st)
         dist.barrier()
     bar.close()
-    if cfg.onpolicy_steps and teacher is not None:
-        _onpolicy_phase(cfg, student, teacher, opt, data.train, st, tok, fmt, device, metrics_file, dist)
-    _validate(cfg, student, val_rows, val_cache, teacher, data, tok, fmt, st, metrics_file, dist, final=True)
-    _checkpoint(out, student, opt, st, cfg, dist)
-    result = _export(cfg, student, s_tok, init, data, tname, st, out, dist)
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
+
+    # 4. on-policy (GKD): the same optimizer step on the student's own samples
+    if cfg.onpolicy_steps and run.teacher is not None:
+        onpolicy_phase(run, st)
+
+    # 5. final validation, checkpoint, export
+    validate(run, st, final=True)
+    run.checkpoint(st)
+    result = export(run, st, s_tok, init)
+    distributed.close(dist)
     return result
 
 
-def _checkpoint(out: Path, student, opt, st: RunState, cfg: DistillConfig, dist: Dist) -> None:
-    blob = checkpoint_blob(student, opt) if is_fsdp(student) else None  # FSDP: every rank joins the gather
-    if dist.main:
-        save_checkpoint(out, student, opt, st, cfg.keep_checkpoints, blob=blob)
-
-
-def _fill_teacher_cache(cfg, teacher, data: Data, tok, tname, cache_dir: Path, dist: Dist, progress: bool):
+# ---- stage 2b: teacher targets ------------------------------------------------------------------------------------
+def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool):
     """Teacher top-k for the rows the schedule reads (all of them once the schedule wraps an epoch) and
     for the validation rows. Replicated teachers: each rank fills a disjoint share; an FSDP-sharded teacher:
     all ranks run the rows rank 0 found missing, in lockstep, and rank 0 stores them.
     Returns (train cache | None, val cache)."""
-    key = (f"{data.fingerprint}-{tokenizer_hash(tok)}-{cfg.seq_len}-{cfg.fim_rate}-{cfg.fim_order}-"
+    cfg, data, dist, teacher = run.cfg, run.data, run.dist, run.teacher
+    key = (f"{data.fingerprint}-{tokenizer_hash(run.tok)}-{cfg.seq_len}-{cfg.fim_rate}-{cfg.fim_order}-"
            f"{cfg.teacher_order}-s{cfg.seed}-n{len(data.train)}")
-    base = cache_dir_for(cache_dir, tname, key, cfg.top_k)
+    base = cache_dir_for(cache_dir, run.teacher_name, key, cfg.top_k)
     n_val = min(cfg.val_rows, len(data.val))
     if not dist.main:
         dist.barrier()  # rank 0 creates the memmap files first; the others open them
@@ -562,104 +407,201 @@ def _fill_teacher_cache(cfg, teacher, data: Data, tok, tname, cache_dir: Path, d
 
     kw = dict(lockstep=lockstep, write=dist.main or not lockstep)
     val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
-    cache = None
-    if cfg.loss != "ce":
-        per_step = cfg.batch_size * cfg.grad_accum
+    if train_cache is not None:
         n = len(data.train)
-        needed = list(range(n)) if cfg.steps * per_step >= n else sorted(
-            {r for s in range(cfg.steps) for r in rows_for_step(s, n, per_step, cfg.seed)})
-        cache = train_cache
+        needed = list(range(n)) if cfg.steps * run.per_step >= n else sorted(
+            {r for s in range(cfg.steps) for r in rows_for_step(s, n, run.per_step, cfg.seed)})
         t0 = time.perf_counter()
-        done = cache.fill(teacher, data.train.teacher_ids, share(cache, needed), progress=progress and dist.main,
-                          **kw)
+        done = train_cache.fill(teacher, data.train.teacher_ids, share(train_cache, needed),
+                                progress=progress and dist.main, **kw)
         log(f"teacher top-{cfg.top_k}: {done} rows computed, {len(needed) - done} reused "
             f"({time.perf_counter() - t0:.0f} s)", dist)
     dist.barrier()
-    return cache, val_cache
+    return train_cache, val_cache
 
 
-def _batch_tensors(rows: Packed, device: str):
-    s_ids = torch.as_tensor(rows.student_ids, device=device).long()  # (b, L)
-    t_index = torch.as_tensor(rows.t_index).long()  # (b, L), CPU (indexes cached arrays too)
-    targets = torch.roll(s_ids, -1, 1)  # (b, L) next token
-    return s_ids, t_index, targets
+# ---- stage 3: one optimizer step (both phases) ---------------------------------------------------------------------
+@dataclass
+class Micro:
+    """One micro-batch of this rank."""
+    ids: torch.Tensor  # (b, L) student input ids, on the device
+    mask: torch.Tensor  # (b, L) float: positions whose next-token prediction carries loss
+    rows: list[int] = field(default_factory=list)  # global row ids (cached targets are looked up by row)
+    teacher_ids: torch.Tensor | None = None  # (b, L) the same rows as the teacher reads them (its FIM order)
+    t_index: torch.Tensor | None = None  # (b, L) CPU: the teacher position aligned to each student position
 
 
-def _optimizer_step(cfg, model, student, opt, train: Packed, rows, cache, teacher, dist, device, autocast):
-    """One optimizer step over ``rows`` (global); this rank takes rows[rank::world] per micro-batch.
-    The loss is a sum over positions divided by the *global* token count times world, so DDP's gradient
-    average equals the single-process gradient of the mean."""
-    micro = [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
-    mask_all = train.loss_mask if cfg.loss_positions == "all" else train.mid_mask
-    counts = [float(mask_all[r][:, :-1].sum()) for r in micro]
-    total_tokens = sum(counts)
+@dataclass
+class Step:
+    loss: float  # global mean loss per loss-carrying token
+    tokens: int  # loss-carrying tokens of this rank
+    parts: dict[str, float]  # loss components, global means
+    lr: float  # the learning rate this step used
+    grad_norm: float | None  # total gradient norm before clipping (None: clipping off, or FSDP)
+
+
+LossFn = Callable[[Run, Micro, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def optimizer_step(run: Run, st: RunState, micro: Sequence[Micro], total_tokens: float, loss_fn: LossFn) -> Step:
+    """One optimizer step at step ``st.step`` of the schedule: set the learning rate (``get_lr``), forward and
+    backward every micro-batch (autocast; DDP / FSDP gradient sync on the last one only), clip, AdamW.
+    ``loss_fn`` gives a micro-batch's loss *sum*; it is divided by the *global* token count ``total_tokens``
+    times world, so DDP's gradient average equals the single-process gradient of the mean."""
+    cfg, dist, model, opt = run.cfg, run.dist, run.model, run.opt
+    lr = get_lr(cfg, progress_of(cfg, st), st.step)
+    for g in opt.param_groups:
+        g["lr"] = lr
     loss_acc, parts_acc, my_tokens = 0.0, {}, 0
     opt.zero_grad(set_to_none=True)
-    for i, mrows in enumerate(micro):
-        mine = mrows[dist.rank::dist.world]
-        b = train.rows(mine)
-        s_ids, t_index, targets = _batch_tensors(b, device)
-        mask = torch.as_tensor(b.loss_mask if cfg.loss_positions == "all" else b.mid_mask, device=device).float()
-        mask[:, -1] = 0  # the last position's target is outside the row
+    for i, mb in enumerate(micro):
         sync = i == len(micro) - 1
         ctx = nullcontext()
         if is_fsdp(model):
             model.set_requires_gradient_sync(sync)
         elif dist.world > 1 and not sync:
             ctx = model.no_sync()
-        with ctx, autocast:
-            logits = model(input_ids=s_ids, use_cache=False).logits  # (b, L, V)
-            s_lp = t_lp = s_all = None
-            if cfg.loss != "ce":
-                if cache is not None:
-                    vals, idx, lse = (x.to(device) for x in cache.get(mine, t_index))
-                    s_all = torch.log_softmax(logits.float() / cfg.temperature, -1)  # (b, L, V), shared with CE
-                    s_lp, t_lp = losses.sparse_pair_logp(s_all, vals, idx, lse, cfg.temperature)
-                    s_all = s_all if cfg.temperature == 1.0 else None
-                else:
-                    t_logits = online_logits(teacher, torch.as_tensor(b.teacher_ids, device=device).long(),
-                                             t_index.to(device))
-                    s_lp, t_lp = losses.dense_pair(logits, t_logits, cfg.temperature)
-            loss_sum, parts = losses.distill_loss_sum(cfg.loss, s_lp, t_lp, logits, targets, mask, alpha=cfg.alpha,
-                                                      temperature=cfg.temperature, beta=cfg.beta, s_all=s_all)
+        with ctx, run.autocast():
+            logits = model(input_ids=mb.ids, use_cache=False).logits  # (b, L, V)
+            loss_sum, parts = loss_fn(run, mb, logits)
             loss = loss_sum * dist.world / max(total_tokens, 1.0)
         loss.backward()
         loss_acc += float(loss_sum.detach())
-        my_tokens += int(mask.sum())
+        my_tokens += int(mb.mask.sum())
         for k, v in parts.items():
             parts_acc[k] = parts_acc.get(k, 0.0) + float(v)
+    grad_norm = None
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in run.student.parameters() if p.requires_grad],
+                                              cfg.grad_clip)
+        grad_norm = None if is_fsdp(model) else float(norm)
     opt.step()
+    keys = sorted(parts_acc)
     if dist.world > 1:  # report the global mean
-        t = torch.tensor([loss_acc] + [parts_acc[k] for k in sorted(parts_acc)], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        loss_acc = float(t[0])
-        parts_acc = {k: float(v) for k, v in zip(sorted(parts_acc), t[1:])}
+        summed = distributed.sum_over_ranks([loss_acc] + [parts_acc[k] for k in keys], dist)
+        loss_acc, parts_acc = summed[0], dict(zip(keys, summed[1:]))
     denom = max(total_tokens, 1.0)
-    return loss_acc / denom, my_tokens, {k: v / denom for k, v in parts_acc.items()}
+    return Step(loss_acc / denom, my_tokens, {k: v / denom for k, v in parts_acc.items()}, lr, grad_norm)
 
 
-def _validate(cfg, student, val_rows, val_cache, teacher, data: Data, tok, fmt, st: RunState, metrics_file, dist,
-              final: bool = False) -> None:
+# ---- the KD phase: rows of the corpus, targets from the teacher (cached top-k or online) or the data (CE) -------------
+def kd_step(run: Run, st: RunState) -> Step:
+    """The rows of step ``st.step`` (global); this rank takes rows[rank::world] of every micro-batch."""
+    cfg, train, dist = run.cfg, run.data.train, run.dist
+    rows = rows_for_step(st.step, len(train), run.per_step, cfg.seed)
+    micro_rows = [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    mask_all = train.loss_mask if cfg.loss_positions == "all" else train.mid_mask
+    total_tokens = sum(float(mask_all[r][:, :-1].sum()) for r in micro_rows)
+    micro = []
+    for mrows in micro_rows:
+        mine = mrows[dist.rank::dist.world]
+        b = train.rows(mine)
+        mask = torch.as_tensor(b.loss_mask if cfg.loss_positions == "all" else b.mid_mask, device=run.device).float()
+        mask[:, -1] = 0  # the last position's target is outside the row
+        online = run.cache is None and cfg.loss != "ce"  # the teacher runs on these rows this step
+        micro.append(Micro(torch.as_tensor(b.student_ids, device=run.device).long(), mask, mine,
+                           torch.as_tensor(b.teacher_ids, device=run.device).long() if online else None,
+                           torch.as_tensor(b.t_index).long()))
+    return optimizer_step(run, st, micro, total_tokens, kd_loss)
+
+
+def kd_loss(run: Run, mb: Micro, logits: torch.Tensor):
+    """alpha * CE on the real next tokens + (1 - alpha) * T^2 * divergence from the teacher: its cached top-k
+    (``run.cache``) or, online, its full distribution from a forward on the same rows this step."""
+    cfg, device = run.cfg, run.device
+    targets = torch.roll(mb.ids, -1, 1)  # (b, L) next token
+    s_lp = t_lp = s_all = None
+    if cfg.loss != "ce":
+        if run.cache is not None:
+            vals, idx, lse = (x.to(device) for x in run.cache.get(mb.rows, mb.t_index))
+            s_all = torch.log_softmax(logits.float() / cfg.temperature, -1)  # (b, L, V), shared with CE
+            s_lp, t_lp = losses.sparse_pair_logp(s_all, vals, idx, lse, cfg.temperature)
+            s_all = s_all if cfg.temperature == 1.0 else None
+        else:
+            t_logits = online_logits(run.teacher, mb.teacher_ids, mb.t_index.to(device))  # (b, L, V)
+            s_lp, t_lp = losses.dense_pair(logits, t_logits, cfg.temperature)
+    return losses.distill_loss_sum(cfg.loss, s_lp, t_lp, logits, targets, mb.mask, alpha=cfg.alpha,
+                                   temperature=cfg.temperature, beta=cfg.beta, s_all=s_all)
+
+
+# ---- stage 4: the on-policy (GKD) phase ----------------------------------------------------------------------------
+def onpolicy_phase(run: Run, st: RunState) -> None:
+    """``cfg.onpolicy_steps`` steps after the KD phase, continuing its step count and schedule, checkpointed
+    like it (a resume picks up inside this phase: ``st.onpolicy_start`` says where it began)."""
+    cfg = run.cfg
+    if st.onpolicy_start < 0:
+        st.onpolicy_start = st.step
+    end = st.onpolicy_start + cfg.onpolicy_steps
+    while st.step < end:
+        t_step = time.perf_counter()
+        step = onpolicy_step(run, st)
+        st.step += 1
+        st.elapsed += time.perf_counter() - t_step
+        if step is not None:
+            st.tokens += step.tokens
+            rec = {"step": st.step, "phase": "onpolicy", "loss": round(step.loss, 5), "lr": step.lr}
+            run.append(rec | ({"grad_norm": round(step.grad_norm, 5)} if step.grad_norm is not None else {}))
+        if st.step % cfg.ckpt_every == 0:
+            run.checkpoint(st)
+
+
+def onpolicy_step(run: Run, st: RunState) -> Step | None:
+    """GKD: the student samples each row's middle (seeded by the step: a resumed run samples the same),
+    the teacher scores those tokens, minimise JSD(beta) on them. None: no row of this step has a FIM middle."""
+    cfg, train, dist = run.cfg, run.data.train, run.dist
+    middle_id = run.fmt.ids(run.tok)["middle"]
+    gen = torch.Generator(device=run.device).manual_seed(cfg.seed + st.step)
+    rows = rows_for_step(st.step, len(train), run.per_step, cfg.seed)
+    micro = []
+    run.student.eval()
+    for i in range(0, len(rows), cfg.batch_size):
+        b = train.rows(rows[i: i + cfg.batch_size][dist.rank::dist.world])
+        ids, mask = onpolicy_rows(run.student, torch.as_tensor(b.student_ids, device=run.device).long(), middle_id,
+                                  0, generator=gen)
+        if ids is None:  # nothing sampled on this rank: a zero-loss forward keeps DDP's ranks in step
+            ids = torch.as_tensor(b.student_ids).long()
+            mask = torch.zeros(ids.shape)
+        micro.append(Micro(ids.to(run.device), mask.to(run.device).float()))
+    run.student.train()
+    total_tokens = distributed.sum_over_ranks([float(sum(mb.mask.sum() for mb in micro))], dist)[0]
+    if total_tokens == 0:
+        return None
+    return optimizer_step(run, st, micro, total_tokens, gkd_loss)
+
+
+def gkd_loss(run: Run, mb: Micro, logits: torch.Tensor):
+    """Generalized JSD(beta) between the teacher and the student on the student's sampled tokens (the
+    teacher reads the same sequence: on-policy needs one FIM order for both, see config.check)."""
+    with torch.no_grad():
+        t_logits = run.teacher(input_ids=mb.ids, use_cache=False).logits  # (b, L', V)
+    s_lp, t_lp = losses.dense_pair(logits, t_logits, run.cfg.temperature)
+    div = losses.jsd_sum(s_lp, t_lp, mb.mask, run.cfg.beta)
+    return div, {"jsd": div.detach()}
+
+
+# ---- validation ---------------------------------------------------------------------------------------------------
+def validate(run: Run, st: RunState, final: bool = False) -> None:
+    cfg, student, dist = run.cfg, run.student, run.dist
     if not dist.main and not is_fsdp(student):
         return  # FSDP: every rank runs the same validation forwards (gathers are collectives); rank 0 records
     student.eval()
+    val_rows = run.val_rows
     ids = list(range(len(val_rows)))
-    m = evaluate.token_metrics(student, val_rows, teacher=teacher if val_cache is None and cfg.loss != "ce" else None,
-                               cache=val_cache, row_ids=ids, positions=cfg.loss_positions)
+    teacher = run.teacher if run.val_cache is None and cfg.loss != "ce" else None
+    m = evaluate.token_metrics(student, val_rows, teacher=teacher, cache=run.val_cache, row_ids=ids,
+                               positions=cfg.loss_positions)
     if cfg.val_fim_cases:
         from localcoder.eval.heldout import sample_cases
 
-        cases = sample_cases(data.val_files or data.test_files, cfg.val_fim_cases, seed=cfg.seed)
-        r = evaluate.fim_generate(student, tok, fmt, cases, order=cfg.fim_order)
+        cases = sample_cases(run.data.val_files or run.data.test_files, cfg.val_fim_cases, seed=cfg.seed)
+        r = evaluate.fim_generate(student, run.tok, run.fmt, cases, order=cfg.fim_order)
         m |= {"fim_em": float(np.mean(r.em)), "fim_es": float(np.mean(r.es))}
     student.train()
     if not dist.main:
         return
     rec = {"step": st.step, "split": "val", "final": final} | {k: round(v, 5) if isinstance(v, float) else v
                                                                  for k, v in m.items()}
-    _append(metrics_file, rec, dist)
+    run.append(rec)
     st.history.append(rec)
     score = m.get("kl", m["ce"]) if cfg.loss != "ce" else m["ce"]
     if score < st.best_val - 1e-4:
@@ -670,78 +612,30 @@ def _validate(cfg, student, val_rows, val_cache, teacher, data: Data, tok, fmt, 
             st.stopped = f"early stop (no val improvement in {cfg.patience} validations)"
 
 
-def _agree_on_stop(stopped: str, dist: Dist) -> str:
-    """Rank 0 decides early stopping; every rank must leave the loop at the same step."""
-    if dist.world == 1:
-        return stopped
-    flag = torch.tensor([1 if stopped else 0])
-    torch.distributed.broadcast(flag, 0)
-    return stopped or ("early stop (rank 0)" if int(flag) else "")
-
-
-def _append(path: Path, rec: dict, dist: Dist) -> None:
-    if dist.main:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
-
-
-def _onpolicy_phase(cfg, student, teacher, opt, train: Packed, st: RunState, tok, fmt, device, metrics_file, dist):
-    """GKD: the student samples middles, the teacher scores them, minimise JSD(beta) on those tokens."""
-    middle_id = fmt.ids(tok)["middle"]
-    gen = torch.Generator().manual_seed(cfg.seed + st.step)
-    for k in range(cfg.onpolicy_steps):
-        rows = rows_for_step(st.step + k, len(train), cfg.batch_size, cfg.seed)
-        b = train.rows(rows)
-        student.eval()
-        ids, mask = onpolicy_rows(student, torch.as_tensor(b.student_ids).long(), middle_id, 0, generator=gen)
-        student.train()
-        if ids is None:
-            continue
-        ids, mask = ids.to(device), mask.to(device).float()
-        opt.zero_grad(set_to_none=True)
-        logits = student(input_ids=ids, use_cache=False).logits
-        with torch.no_grad():
-            t_logits = teacher(input_ids=ids, use_cache=False).logits
-        s_lp, t_lp = losses.dense_pair(logits, t_logits, cfg.temperature)
-        loss = losses.jsd(s_lp, t_lp, mask, cfg.beta)
-        loss.backward()
-        opt.step()
-        _append(metrics_file, {"step": st.step + k + 1, "phase": "onpolicy", "loss": round(float(loss), 5)}, dist)
-    st.step += cfg.onpolicy_steps
-
-
-def _with_lora(model, rank: int):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as exc:
-        from localcoder.errors import BackendUnavailable
-
-        raise BackendUnavailable("LoRA needs peft", hint="pip install 'localcoder[train]'") from exc
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
-
-
 # ---- stage 5: export ---------------------------------------------------------------------------------------------------
-def _export(cfg, student, tok, init, data: Data, tname: str, st: RunState, out: Path, dist: Dist) -> Result:
+def export(run: Run, st: RunState, s_tok, init) -> Result:
+    cfg, out, data, dist, student = run.cfg, run.out, run.data, run.dist, run.student
     model_dir = out / "model"
     prov = {
-        "teacher": tname, "student_init": init.__dict__, "data": {"roots": cfg.data or [str(data_mod.default_corpus())],
-                                                                   "fingerprint": data.fingerprint,
-                                                                   "describe": data.describe},
+        "teacher": run.teacher_name, "student_init": init.__dict__,
+        "data": {"roots": cfg.data or [str(data_mod.default_corpus())], "fingerprint": data.fingerprint,
+                 "describe": data.describe},
         "steps": st.step, "tokens": st.tokens, "train_seconds": round(st.elapsed, 1), "stopped": st.stopped,
         "metrics": st.history[-1] if st.history else {}, "config": cfg.to_dict(),
         "fim": {"format": "auto", "order": cfg.fim_order},
     }
-    full = _full_state(student)[0] if is_fsdp(student) else None  # a collective
+    full = distributed.full_state(student)[0] if is_fsdp(student) else None  # a collective
     if dist.main:
-        export_model = student.merge_and_unload() if cfg.lora_rank else student
+        from localcoder.distill.lora import merged
+
+        export_model = merged(student, cfg.lora_rank)
         if full is not None:  # an unsharded copy of the student class, loaded with the gathered weights
             export_model = students.load_causal_lm(out / "init")[0]
             export_model.load_state_dict(full)
         tmp = out / f".model.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         export_model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
+        s_tok.save_pretrained(str(tmp))
         (tmp / "localcoder.json").write_text(json.dumps(prov, indent=1))
         shutil.rmtree(model_dir, ignore_errors=True)
         os.replace(tmp, model_dir)
@@ -750,7 +644,7 @@ def _export(cfg, student, tok, init, data: Data, tname: str, st: RunState, out: 
         write_report(out)
         from localcoder.models import register
 
-        register(cfg.register_as or out.resolve().name, model_dir, source="distill", teacher=tname,
+        register(cfg.register_as or out.resolve().name, model_dir, source="distill", teacher=run.teacher_name,
                  fim_order=cfg.fim_order)
     dist.barrier()
     return Result(out, model_dir, st, prov)

@@ -9,8 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -20,53 +18,7 @@ from safetensors.torch import load_file
 
 from localcoder.cli import main as cli_main
 from localcoder.distill.train import train
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-MODULES = ["textwrap", "shlex", "bisect", "heapq", "colorsys", "fnmatch", "glob", "keyword", "numbers", "opcode",
-           "sched", "stat", "token", "this", "tty", "cmd"]
-BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
-    for m in MODULES:
-        shutil.copy(STDLIB / f"{m}.py", d / f"{m}.py")
-    return d
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOCALCODER_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-def flags(tiny: Path, corpus: Path, out: Path, cache: Path, **kw) -> list[str]:
-    base = {"teacher": tiny, "student-layers": 2, "data": corpus, "out": out, "cache-dir": cache, "seq-len": 64,
-            "batch-size": 2, "steps": 8, "val-every": 4, "ckpt-every": 2, "val-rows": 2, "log-every": 1,
-            "threads": 1, "lr": 3e-3, "warmup-steps": 1, "train-rows": 8, "top-k": 8}
-    base.update(kw)
-    out_flags = []
-    for k, v in base.items():
-        out_flags += [f"--{k}", str(v)]
-    return out_flags + ["--quiet"]
-
-
-def cfg_of(argv: list[str]):
-    from localcoder.distill.cli import add_arguments, config_from_args
-    import argparse
-
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return config_from_args(p.parse_args(argv))
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "model" / "model.safetensors"))
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+from tests.unit.distill_helpers import BIN, cfg_of, corpus, flags, home, records, weights  # noqa: F401 (fixtures)
 
 
 def test_kd_steps_lower_the_loss_and_export_registers(tiny_qwen_dir, corpus, tmp_path, home):

@@ -1,0 +1,65 @@
+"""Will this run fit? A rough peak-memory estimate per process, checked before anything is trained, so a
+run that cannot fit is refused with advice instead of being killed half way."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from localcoder.distill.config import DistillConfig
+from localcoder.errors import InvalidRequest
+
+
+def estimate_memory_gb(cfg: DistillConfig, teacher_params: int, student_params: int, trainable: int,
+                       hidden: int, vocab: int, n_layers: int, teacher_resident: bool, world: int = 1,
+                       sharded: bool = False) -> float:
+    """Peak bytes of one process, roughly: weights + grads + AdamW states + activations + (B, L, V) logit
+    tensors. With ``world`` processes each takes batch/world rows; FSDP (``sharded``) also divides the
+    weights and optimizer states (plus one gathered block)."""
+    tokens = -(-cfg.batch_size // world) * cfg.seq_len
+    shard = world if sharded else 1
+    weights = 4 * (student_params + (teacher_params if teacher_resident else 0)) / shard
+    optim = 4 * 3 * trainable / shard
+    per_layer = (2 if cfg.grad_checkpointing else 24) * hidden * 4
+    acts = tokens * n_layers * per_layer
+    logit_copies = 4 + (2 if cfg.teacher_mode == "online" and cfg.loss != "ce" else 0)
+    logits = tokens * vocab * 4 * logit_copies
+    return (weights + optim + acts + logits) / 2**30 * 1.15
+
+
+def available_memory_gb(device: str) -> float:
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free / 2**30
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in fh}
+        return info["MemAvailable"] / 2**20
+    except (OSError, KeyError, ValueError):
+        return float("inf")
+
+
+def check_memory(cfg: DistillConfig, need_gb: float, device: str) -> None:
+    have = cfg.memory_limit_gb or available_memory_gb(device)
+    if need_gb > 0.9 * have:
+        raise InvalidRequest(
+            f"this run needs about {need_gb:.1f} GiB but only {have:.1f} GiB is available: refusing to start "
+            "rather than be killed half way", param="batch_size",
+            hint="lower --batch-size or --seq-len (raise --grad-accum to keep the tokens per step), use "
+                 "--teacher-mode cached, --grad-checkpointing, or fewer --student-layers")
+
+
+def check_fits(cfg: DistillConfig, teacher, student, *, world: int, sharded: bool, device: str) -> float:
+    """Estimate this run's per-process peak from the two models and refuse it if it does not fit;
+    returns the estimate (GiB per process)."""
+    from localcoder.distill.students import count_params
+
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    c = student.config
+    need = estimate_memory_gb(cfg, count_params(teacher), count_params(student), trainable, c.hidden_size,
+                              c.vocab_size, c.num_hidden_layers, teacher_resident=True, world=world,
+                              sharded=sharded)
+    # on CPU every local rank shares this host's memory; on CUDA each has its own device
+    check_memory(cfg, need * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1), device)
+    return need
