@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="source: model name, GGUF file or HF directory (e.g. qwen2.5-coder-0.5b)")
     p.add_argument("--to", required=True, choices=["gguf", "onnx", "hf", "bnb"],
                    help="gguf (llama.cpp) | onnx (onnxruntime) | hf (pruned safetensors) | bnb (CUDA torch config)")
-    p.add_argument("--type", help="gguf: f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m …; onnx: fp32 int8 int4; "
+    p.add_argument("--type", help="gguf: f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m …; onnx: fp32 fp16 int8 int4; "
                                   "bnb: int8 nf4 (default: q8_0 / int8 / nf4)")
     p.add_argument("--out", required=True, help="output file (.gguf) or directory")
     p.add_argument("--prune", help="e.g. layers=12,heads=0.75,mlp=0.5,sparsity=0.5 (layers: count or fraction kept)")
@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-register", action="store_true", help="do not add the artifact to `localcoder models`")
     p.add_argument("--keep", default="lm_head",
                    help="onnx: comma-separated node-name patterns kept in fp32 (default lm_head; '' = none)")
+    from localcoder.quantize.onnx import OnnxQuantConfig  # light: no onnx/onnxruntime import at parse time
+
+    add_dataclass_arguments(p.add_argument_group("onnx quantizer (--to onnx --type int8|int4)"), OnnxQuantConfig)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g = p.add_argument_group("quality gate")
     g.add_argument("--no-gate", action="store_true", help="skip the quality gate (no report numbers)")
@@ -108,11 +111,14 @@ def export(to: str, type: str, model_dir: Path, out: Path, args, threads: int, p
         res = export_gguf(model_dir, out, type, name=args.name or out.stem, threads=threads, progress=progress)
         return Artifact(f"gguf {type}", "gguf", res.path, type)
     if to == "onnx":
-        from localcoder.quantize.onnx import export_onnx
+        from localcoder.cliargs import values_from_args
+        from localcoder.quantize.onnx import OnnxQuantConfig, export_onnx
 
         keep = [k.strip() for k in args.keep.split(",") if k.strip()]
-        res = export_onnx(model_dir, out, type, keep=keep, progress=progress)
-        return Artifact(f"onnx {type}", "onnx", res.path, type)
+        onnx_cfg = OnnxQuantConfig(**values_from_args(args, OnnxQuantConfig))
+        res = export_onnx(model_dir, out, type, keep=keep, config=onnx_cfg, progress=progress)
+        label = f"onnx {onnx_cfg.describe(type)}" if type in ("int8", "int4") else f"onnx {type}"
+        return Artifact(label, "onnx", res.path, type)
     if to == "bnb":
         from localcoder.quantize.bnb import save_bnb
 

@@ -125,3 +125,104 @@ def test_errors_are_typed(tmp_path, onnx_fp32):
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(BackendUnavailable, match="CUDA"):
             OnnxEngine(onnx_fp32, device="cuda")
+
+
+def _nbits_nodes(path):
+    graph = onnx.load(str(path / "model.onnx"))
+    out = {}
+    for n in graph.graph.node:
+        if n.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in n.attribute}
+            out[n.name] = (attrs.get("bits"), attrs.get("accuracy_level", 0), attrs.get("block_size"), len(n.input))
+    return out, graph
+
+
+@pytest.mark.parametrize("qtype,cfg,head_bits", [
+    ("int8", dict(accuracy_level=4), 8),  # block-wise int8 activations, head quantized too (keep=[])
+    ("int4", dict(algorithm="k_quant", accuracy_level=4, eight_bit=["lm_head", "layers.0/"]), 8),  # mixed
+    ("int4", dict(accuracy_level=4, eight_bit=["lm_head"]), 8),  # two passes: 8-bit head, 4-bit blocks
+    ("int4", dict(algorithm="rtn", block_size=16, symmetric=False), 4),
+    ("int4", dict(algorithm="hqq", accuracy_level=4), 4),
+    ("int4", dict(algorithm="gptq", gptq_seqs=1), 4),
+])
+def test_quantizer_options(onnx_fp32, tmp_path, torch_model, ids, qtype, cfg, head_bits):
+    from localcoder.quantize.onnx import OnnxQuantConfig
+
+    res = quantize_onnx(onnx_fp32, tmp_path / "q", qtype, keep=[], config=OnnxQuantConfig(**cfg), progress=False)
+    assert res.kept_nodes == [] and res.quantized_nodes == 4 * 7 + 1  # the head is quantized too
+    nodes, graph = _nbits_nodes(res.path)
+    assert not any(n.op_type == "MatMul" and n.name == "/lm_head/MatMul" for n in graph.graph.node)
+    head = next(v for k, v in nodes.items() if k.startswith("/lm_head/MatMul"))
+    block = {k: v for k, v in nodes.items() if k.startswith("/model/layers.1/")}
+    assert head[0] == head_bits and len(block) == 7
+    base_bits = 8 if qtype == "int8" else 4
+    assert {v[0] for v in block.values()} == {base_bits}
+    if cfg.get("eight_bit"):  # the nodes the patterns name kept at 8 bits, the rest at 4
+        named = {k: v for k, v in nodes.items() if any(p in k for p in cfg["eight_bit"])}
+        assert named and {v[0] for v in named.values()} == {8}
+        assert res.eight_bit_nodes and all(any(p in n for p in cfg["eight_bit"]) for n in res.eight_bit_nodes)
+    if "accuracy_level" in cfg:
+        assert {v[1] for v in nodes.values()} == {cfg["accuracy_level"]}
+    if "block_size" in cfg:
+        assert {v[2] for v in block.values()} == {cfg["block_size"]}
+    if cfg.get("symmetric") is False or cfg.get("algorithm") == "hqq":
+        assert {v[3] for v in block.values()} == {4}  # A, B, scales, zero points
+    eng = OnnxEngine(res.path, n_threads=2)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert (eng.score(ids).argmax(-1) == ref.argmax(-1)).mean() >= (0.8 if qtype == "int8" else 0.3)
+    import json
+
+    assert json.loads((res.path / "localcoder-onnx.json").read_text())["quantizer"]["algorithm"] == \
+        cfg.get("algorithm", "default")
+
+
+def test_bad_quantizer_options_fail_before_exporting(onnx_fp32, tmp_path):
+    from localcoder.errors import InvalidRequest
+    from localcoder.quantize.onnx import OnnxQuantConfig, export_onnx
+
+    for qtype, cfg in [("int8", dict(algorithm="hqq")), ("int4", dict(block_size=24)),
+                       ("int8", dict(eight_bit=["lm_head"]))]:  # mixed 8-bit layers are for int4
+        with pytest.raises(InvalidRequest):
+            export_onnx("/nonexistent", tmp_path / "x", qtype, config=OnnxQuantConfig(**cfg), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_quantize_cli_flags_come_from_the_config():
+    import argparse
+
+    from localcoder.cliargs import values_from_args
+    from localcoder.quantize.cli import add_arguments
+    from localcoder.quantize.onnx import OnnxQuantConfig
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["m", "--to", "onnx", "--type", "int4", "--out", "o", "--onnx-accuracy-level", "4",
+                         "--onnx-algorithm", "k_quant", "--onnx-block-size", "64", "--no-onnx-symmetric",
+                         "--onnx-8bit", "lm_head", "down_proj"])
+    cfg = OnnxQuantConfig(**values_from_args(args, OnnxQuantConfig))
+    assert (cfg.accuracy_level, cfg.algorithm, cfg.block_size, cfg.symmetric) == (4, "k_quant", 64, False)
+    assert list(cfg.eight_bit) == ["lm_head", "down_proj"]
+    assert OnnxQuantConfig(**values_from_args(p.parse_args(["m", "--to", "onnx", "--out", "o"]),
+                                              OnnxQuantConfig)) == OnnxQuantConfig()
+
+
+def test_fp16_export_for_cuda(onnx_fp32, tmp_path, ids):
+    import numpy as np
+
+    from localcoder.quantize.onnx import convert_fp16
+
+    res = convert_fp16(onnx_fp32, tmp_path / "fp16", progress=False)
+    graph = onnx.load(str(res.path / "model.onnx"))
+    kv = [i for i in graph.graph.input if i.name.startswith("past_key_values.")]
+    assert kv and all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in kv)
+    floats = [t for t in graph.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in floats) >= 0.9 * len(floats)
+    weights = lambda d: sum(p.stat().st_size for p in d.glob("model.onnx*"))  # noqa: E731
+    assert weights(res.path) < 0.6 * weights(onnx_fp32)
+    eng = OnnxEngine(res.path, n_threads=2)  # meant for CUDA, but the CPU provider runs it too
+    assert eng.kv_dtype == np.float16 and eng.logits_dtype == np.float16
+    ref = OnnxEngine(onnx_fp32, n_threads=2).score(ids)
+    got = eng.score(ids)
+    assert got.dtype == np.float32 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    assert len(list(eng.generate(GenerationRequest(tokens=ids, max_tokens=3)))) == 3  # fp16 KV through the loop
