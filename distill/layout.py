@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 from localcoder.distill.config import DistillConfig
+from localcoder.distill.lora import ALPHA_PER_RANK as LORA_ALPHA_PER_RANK
 from localcoder.errors import InvalidRequest, ModelCorrupt
-
-LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 x rank (the training wrapper's setting); llama.cpp scales alpha / rank
 
 
 def adapter_meta(cfg: DistillConfig, out: Path, steps: int) -> dict[str, str]:

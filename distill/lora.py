@@ -3,7 +3,10 @@ instead of the blocks themselves; the export merges them back into a plain HF mo
 
 from __future__ import annotations
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from localcoder.quantize.gguf import LORA_TARGETS
+
+TARGETS = list(LORA_TARGETS)
+ALPHA_PER_RANK = 2  # lora_alpha = 2 x rank; llama.cpp and PEFT both scale the update by alpha / rank
 
 
 def with_lora(model, rank: int):
@@ -13,7 +16,7 @@ def with_lora(model, rank: int):
         from localcoder.errors import BackendUnavailable
 
         raise BackendUnavailable("LoRA needs peft", hint="pip install 'localcoder[train]'") from exc
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=ALPHA_PER_RANK * rank, lora_dropout=0.0, target_modules=TARGETS))
 
 
 def merged(model, rank: int):
