@@ -13,7 +13,7 @@ from localcoder.errors import InputFileError, InvalidRequest
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from localcoder.cliargs import add_dataclass_arguments
-    from localcoder.config import CompletionConfig
+    from localcoder.config import CheckConfig, CompletionConfig
 
     p.add_argument("file", nargs="?", help="source file (or --stdin)")
     p.add_argument("--line", "-l", type=int, required=True, help="1-based line of the cursor")
@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stdin", action="store_true", help="read the source from standard input")
     p.add_argument("--json", action="store_true", help="print text, stop reason and timings as JSON")
     add_dataclass_arguments(p.add_argument_group("completion"), CompletionConfig)
+    add_dataclass_arguments(p.add_argument_group("checked completion (localcoder.checked)"), CheckConfig)
     add_model_arguments(p)
 
 
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     req = InfillRequest(prefix, suffix, path=None if args.stdin else args.file,
                         mode=cfg.completion.mode, max_tokens=cfg.completion.max_tokens,
                         time_budget_ms=cfg.completion.time_budget_ms)
+    if cfg.check.check == "tests":
+        from localcoder.checked import run_cli
+
+        return run_cli(completer, req, cfg.check, as_json=args.json)
     result = completer.complete(req)
     if args.json:
         print(json.dumps({"text": result.text, "mode": result.mode, "stop_type": result.stop_type,

@@ -158,6 +158,10 @@ class Completer:
 
     # ---- generation ----------------------------------------------------------------------------
     def stream(self, req: InfillRequest, cancel: CancelToken | None = None) -> CompletionStream:
+        if getattr(req, "check", None) is not None:  # execution-checked candidates (localcoder.checked)
+            from localcoder.checked import checked_stream
+
+            return checked_stream(self, req, cancel)  # type: ignore[arg-type]
         req.validate()
         mode = decide_mode(req.prefix, req.suffix) if req.mode == "auto" else req.mode
         rules = StopRules(mode, req.prefix, req.suffix, tuple(req.stop), req.indent)

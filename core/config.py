@@ -103,9 +103,22 @@ class LspConfig:
 
 
 @dataclass
+class CheckConfig:
+    check: Literal["off", "tests"] = field(default="off", metadata={
+        "help": "tests: sample --candidates function bodies, write tests with the model, run them, rank (CodeT)"})
+    candidates: int = field(default=8, metadata={"help": "checked completion: candidates sampled together"})
+    check_tests: int = field(default=8, metadata={"help": "checked completion: assertions the model writes"})
+    check_temperature: float = field(default=0.8, metadata={"help": "checked completion: sampling temperature"})
+    check_top_p: float = field(default=0.95, metadata={"help": "checked completion: nucleus sampling top-p"})
+    check_seed: int = field(default=0, metadata={"help": "checked completion: seed of the first candidate (+i for the i-th)"})
+    check_max_tokens: int = field(default=256, metadata={"help": "checked completion: tokens per candidate"})
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     lsp: LspConfig = field(default_factory=LspConfig)
 
@@ -188,6 +201,13 @@ def _coerce(name: str, typ: Any, value: Any) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise InvalidRequest(f"{name} must be an integer, got {value!r}", param=name) from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise InvalidRequest(f"{name} must be a number, got {value!r}", param=name)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"{name} must be a number, got {value!r}", param=name) from None
     if typ is str:
         if not isinstance(value, str):
             raise InvalidRequest(f"{name} must be a string, got {value!r}", param=name)

@@ -44,6 +44,7 @@ log = logging.getLogger("localcoder.lsp")
 
 ACCEPTED_COMMAND = "localcoder.accepted"
 DOCSTRING_COMMAND = "localcoder.generateDocstring"
+CHECKED_COMMAND = "localcoder.completeChecked"
 ACCEPTED_NOTIFICATION = "localcoder/accepted"
 REJECTED_NOTIFICATION = "localcoder/rejected"
 STATS_REQUEST = "localcoder/stats"
@@ -315,12 +316,63 @@ def on_code_action(ls: LocalcoderServer, params: types.CodeActionParams) -> list
     if doc.language_id not in ("python", "") and not doc.uri.endswith(".py"):
         return []
     fn = docstring.find_function(doc.text, params.range.start.line)
-    if fn is None or fn.has_docstring:
-        return []
     args = [doc.uri, {"line": params.range.start.line, "character": params.range.start.character}]
+    actions = _checked_action(doc, params.range.start, args)
+    if fn is None or fn.has_docstring:
+        return actions
     cmd = types.Command(title="Generate docstring", command=DOCSTRING_COMMAND, arguments=args)
     return [types.CodeAction(title=f"Generate docstring for {fn.name}()", kind=types.CodeActionKind.RefactorRewrite,
+                             command=cmd)] + actions
+
+
+def _checked_action(doc: Document, at: types.Position, args: list) -> list[types.CodeAction]:
+    """"Complete function (checked)" where the cursor is on a blank line of a Python function body
+    (where a body is to be written)."""
+    from localcoder.checked import function_at_cursor
+
+    try:
+        prefix, suffix = doc.split(doc.offset_at(at))
+    except InvalidRequest:
+        return []
+    if prefix.rsplit("\n", 1)[-1].strip() or suffix.split("\n", 1)[0].strip():
+        return []
+    fn = function_at_cursor(prefix, suffix)
+    if fn is None:
+        return []
+    cmd = types.Command(title="Complete function (checked)", command=CHECKED_COMMAND, arguments=args)
+    return [types.CodeAction(title=f"Complete function (checked): {fn.name}()", kind=types.CodeActionKind.RefactorRewrite,
                              command=cmd)]
+
+
+async def complete_checked(ls: LocalcoderServer, uri: str, position: dict) -> dict[str, Any]:
+    """Sample candidates for the function body at ``position``, check them with generated tests
+    (``localcoder.checked``), insert the top one (workspace/applyEdit); the evidence comes back in the
+    result (``checked``, and as Markdown in ``documentation``)."""
+    from localcoder.checked import CheckOptions, checked_request, evidence_markdown
+    from localcoder.client import InProcessClient
+
+    try:
+        doc = ls.documents.get(uri)
+        at = types.Position(int(position["line"]), int(position.get("character", 0)))
+        offset = doc.offset_at(at)
+        req = checked_request(ls.infill_request(doc, offset), CheckOptions.from_config(ls.config.check))
+        req.validate()  # not in a function body: an InvalidParams error now
+        if not isinstance(ls.engine(), InProcessClient):
+            raise InvalidRequest("checked completion runs with the in-process engine only (serverUrl is set)",
+                                 param="serverUrl")
+    except (InvalidRequest, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise to_response_error(exc if isinstance(exc, InvalidRequest) else
+                                InvalidRequest(f"bad arguments: {exc}", param="arguments")) from None
+    ticket = ls.requests.issue(f"checked:{uri}")
+    result = await ls.requests.run(ls.engine(), ticket, lambda: req)
+    evidence = getattr(result, "checked", None) or {}
+    doc_md = evidence_markdown(evidence) if evidence else ""
+    if result is None or not result.text:
+        return {"applied": False, "text": None, "checked": evidence, "documentation": doc_md}
+    edit = types.WorkspaceEdit(changes={uri: [types.TextEdit(types.Range(at, at), result.text)]})
+    response = await ls.workspace_apply_edit_async(types.ApplyWorkspaceEditParams(edit, label="Complete function (checked)"))
+    return {"applied": bool(response and response.applied), "text": result.text, "checked": evidence,
+            "documentation": doc_md}
 
 
 async def generate_docstring(ls: LocalcoderServer, uri: str, position: dict) -> dict[str, Any]:
@@ -400,4 +452,5 @@ def create_server(config: Config | None = None) -> LocalcoderServer:
         ls.feature(method, options)(handler)
     ls.command(ACCEPTED_COMMAND)(on_accepted_command)
     ls.command(DOCSTRING_COMMAND)(generate_docstring)
+    ls.command(CHECKED_COMMAND)(complete_checked)
     return ls

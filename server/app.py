@@ -309,7 +309,7 @@ async def completions(request: Request) -> Response:
 
     def final(result: CompletionResult) -> dict:
         return {**head(), "choices": [choice(result.text, schemas.openai_finish_reason(result.stop_type))],
-                "usage": schemas.openai_usage(result)}
+                "usage": schemas.openai_usage(result), **schemas.checked_field(result)}
 
     def delta(text: str) -> dict:
         return {**head(), "choices": [choice(text, None)]}

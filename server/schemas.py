@@ -187,6 +187,7 @@ def parse_infill(obj: dict, defaults: CompletionConfig) -> InfillCall:
         cache_prompt=get_bool(obj, "cache_prompt", True),
         **_localcoder_fields(obj, defaults),
     )
+    req = checked_option(obj, req, "n_predict")
     lane = get_str(obj, "lane") or None
     return InfillCall(req, get_bool(obj, "stream", False), fields, slot if slot >= 0 else None, lane)
 
@@ -206,6 +207,32 @@ def _localcoder_fields(obj: dict, defaults: CompletionConfig) -> dict[str, Any]:
     return out
 
 
+def checked_option(obj: dict, req: InfillRequest, max_tokens_key: str) -> InfillRequest:
+    """Our extension on /infill and /v1/completions: ``"check": "tests"`` (with ``candidates`` and
+    ``check_tests``) asks for an execution-checked completion (``localcoder.checked``); the response
+    then carries ``checked`` (every candidate, its score, the tests it passes, errors)."""
+    check = get_str(obj, "check", "off") or "off"
+    if check == "off":
+        return req
+    if check != "tests":
+        raise InvalidRequest(f"check must be off or tests, got {check!r}", param="check")
+    from localcoder.checked import MAX_CANDIDATES, MAX_TESTS, CheckOptions, checked_request
+
+    s = req.sampling
+    opts = CheckOptions(candidates=get_int(obj, "candidates", 8, 1, MAX_CANDIDATES),
+                        tests=get_int(obj, "check_tests", 8, 0, MAX_TESTS),
+                        temperature=s.temperature if "temperature" in obj else 0.8,
+                        top_p=s.top_p if "top_p" in obj else 0.95, seed=max(0, s.seed),
+                        max_tokens=req.max_tokens if obj.get(max_tokens_key) else 256)
+    return checked_request(req, opts)
+
+
+def checked_field(result) -> dict[str, Any]:
+    """``{"checked": evidence}`` for a checked completion's result, else nothing."""
+    evidence = getattr(result, "checked", None)
+    return {"checked": evidence} if evidence is not None else {}
+
+
 def infill_response(result, model: str, slot: int | None) -> dict[str, Any]:
     timings = result.timings
     return {
@@ -222,6 +249,7 @@ def infill_response(result, model: str, slot: int | None) -> dict[str, Any]:
         "stop_reason": result.stop_type,  # ours, finer than llama.cpp's eos|limit|word|none
         "has_new_line": "\n" in result.text,
         "timings": timings.to_dict(),
+        **checked_field(result),
     }
 
 
@@ -260,6 +288,8 @@ OPENAI_FIELDS = frozenset({
     "seed",
     # extensions that FIM clients send to llama.cpp / Ollama / vLLM-style servers
     "top_k", "min_p", "repeat_penalty", "cache_prompt", "raw", "keep_alive", "id_slot",
+    # ours: execution-checked completion (checked_option)
+    "check", "candidates", "check_tests",
 })
 
 
@@ -286,6 +316,7 @@ def parse_openai(obj: dict, defaults: CompletionConfig, fmt: FimFormat) -> OpenA
         time_budget_ms=defaults.time_budget_ms, stop=get_stop(obj), sampling=get_sampling(obj),
         cache_prompt=get_bool(obj, "cache_prompt", True),
     )
+    req = checked_option(obj, req, "max_tokens")
     user = get_str(obj, "user") or None
     return OpenAICall(req, get_bool(obj, "stream", False), get_str(obj, "model"), user)
 

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from localcoder.engines.base import GenerationRequest, Timings, TokenStream, check_request, run_tokens
-from localcoder.engines.kvcache import PrefixCache, SlotTable
+from localcoder.engines.kvcache import PrefixCache, SlotTable, common_prefix_len
 from localcoder.errors import BackendUnavailable, InvalidRequest, ModelCorrupt
 
 _F16_BYTES = 2  # llama.cpp's default K/V cache type
@@ -285,6 +285,126 @@ class LlamaCppEngine:
         yield from run_tokens(request, timings, keep, self.n_batch, lambda ids: self._forward(slot, ids),
                               lambda: self._truncate(slot, 0), spec=spec)
 
+    # ---- several continuations of one prompt, decoded together (localcoder.checked) -------------------
+
+    def sample_many(self, prompt_tokens: list[int], n: int, sampling, max_tokens: int, stop=None, cancel=None,
+                    stop_token_ids: frozenset[int] = frozenset(), on_step=None) -> tuple[list[list[int]], Timings]:
+        """``n`` continuations of one prompt: the prompt is evaluated once (sequence 0 of a context of
+        its own, unified KV cache, kept between calls for prefix reuse), its cells are shared with
+        sequences 1..n-1 (``llama_memory_seq_cp``), then each step is one ``llama_decode`` of a batch
+        holding the next token of every live sequence. Sequence i samples with seed ``sampling.seed + i``
+        exactly as ``generate`` would with that seed, so at temperature 0 each is the greedy output.
+        ``stop(i, tokens) -> bool`` ends sequence i (its last token kept); a stop token ends it (not
+        kept); ``cancel`` (a CancelToken) stops all between steps; ``on_step(live)`` reports progress."""
+        from localcoder.engines.base import Stopwatch
+        from localcoder.engines.sampling import sample_token
+
+        check_request(GenerationRequest(list(prompt_tokens), max_tokens), self.n_ctx)
+        if not 1 <= n <= self._lib.llama_max_parallel_sequences():
+            raise InvalidRequest(f"n must be 1..{self._lib.llama_max_parallel_sequences()}, got {n}", param="candidates")
+        lib, timings = self._lib, Timings()
+        ctx, batch, mem, record = self._many_context(n, len(prompt_tokens) + n * max_tokens)
+        keep = min(common_prefix_len(record, prompt_tokens), len(prompt_tokens) - 1)
+        for s in range(1, n):
+            lib.llama_memory_seq_rm(mem, s, -1, -1)
+        lib.llama_memory_seq_rm(mem, 0, keep, -1)
+        del record[keep:]
+        timings.prompt_n, timings.cached_n = len(prompt_tokens), keep
+        clock = Stopwatch()
+        b = batch.batch
+
+        def decode(entries: list[tuple[int, int, int]]) -> None:  # (token, pos, seq)
+            b.n_tokens = len(entries)
+            for j, (tok, pos, seq) in enumerate(entries):
+                b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, pos, 1, True
+                b.seq_id[j][0] = seq
+            if lib.llama_decode(ctx.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed in sample_many")
+
+        def row(j: int) -> np.ndarray:
+            return np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ctx, j), shape=(self._n_vocab,)).copy()
+
+        try:
+            for i in range(keep, len(prompt_tokens), self.n_batch):
+                if cancel is not None and cancel.cancelled:
+                    timings.cancelled = True
+                    return [[] for _ in range(n)], timings
+                chunk = prompt_tokens[i: i + self.n_batch]
+                b.n_tokens = len(chunk)
+                for j, tok in enumerate(chunk):
+                    b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, i + j, 1, False
+                    b.seq_id[j][0] = 0
+                b.logits[len(chunk) - 1] = True
+                if lib.llama_decode(ctx.ctx, b) != 0:
+                    raise RuntimeError("llama_decode failed in sample_many (prompt)")
+                record.extend(chunk)
+            first = row(b.n_tokens - 1)  # the last prompt token's logits start every sequence
+            timings.prompt_ms = clock.ms()
+            for s in range(1, n):
+                lib.llama_memory_seq_cp(mem, 0, s, -1, -1)
+            rngs = [np.random.default_rng(sampling.seed + i) for i in range(n)]
+            out: list[list[int]] = [[] for _ in range(n)]
+            rows = {i: first for i in range(n)}
+            clock = Stopwatch()
+            p0 = len(prompt_tokens)
+            for step in range(max_tokens):
+                if cancel is not None and cancel.cancelled:
+                    timings.cancelled = True
+                    break
+                entries = []
+                for i, logits in rows.items():
+                    tok = sample_token(logits, sampling, rngs[i])
+                    timings.predicted_n += 1
+                    if tok in stop_token_ids:
+                        continue
+                    out[i].append(tok)
+                    if step + 1 < max_tokens and not (stop is not None and stop(i, out[i])):
+                        entries.append((tok, p0 + step, i))
+                if not entries:
+                    break
+                decode(entries)
+                rows = {seq: row(j) for j, (_, _, seq) in enumerate(entries)}
+                if on_step is not None:
+                    on_step(len(entries))
+            timings.predicted_ms = clock.ms()
+            return out, timings
+        except BaseException:
+            lib.llama_memory_clear(mem, True)
+            record.clear()
+            raise
+        finally:  # keep only the evaluated prompt (sequence 0) for the next call's prefix reuse
+            for s in range(1, n):
+                lib.llama_memory_seq_rm(mem, s, -1, -1)
+            lib.llama_memory_seq_rm(mem, 0, len(record), -1)
+
+    def _many_context(self, n: int, cells: int):
+        """The context ``sample_many`` decodes in: ``n`` sequences over one unified KV cache of at least
+        ``cells`` cells (rebuilt only when a call needs more), with this engine's LoRA adapter."""
+        have = getattr(self, "_many", None)
+        if have is not None and have[0] >= n and have[1] >= cells:
+            return have[2:]
+        if have is not None:
+            have[3].close()
+            have[2].close()
+        from llama_cpp import _internals
+
+        lib = self._lib
+        size = max(self.n_ctx, -(-cells // 256) * 256)
+        params = lib.llama_context_default_params()
+        params.n_ctx, params.n_seq_max, params.kv_unified = size, max(n, 1), True
+        params.n_batch = params.n_ubatch = max(self.n_batch, n)
+        params.n_threads = params.n_threads_batch = self.threads
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
+        lora = getattr(self, "_lora", None)
+        if lora is not None:
+            lib.llama_set_adapters_lora(ctx.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(lora), 1,
+                                        (ctypes.c_float * 1)(1.0))
+        batch = _internals.LlamaBatch(n_tokens=max(self.n_batch, n), embd=0, n_seq_max=1, verbose=False)
+        self._many = (max(n, 1), size, ctx, batch, lib.llama_get_memory(ctx.ctx), [])
+        return self._many[2:]
+
     def reset_cache(self) -> None:
         self._lib.llama_memory_clear(self._memory, True)
         self.slots.clear()
@@ -292,6 +412,9 @@ class LlamaCppEngine:
     def close(self) -> None:
         if self.drafter is not None and hasattr(self.drafter, "close"):
             self.drafter.close()
+        if getattr(self, "_many", None) is not None:
+            self._many[3].close()
+            self._many[2].close()
         self._batch.close()
         self.ctx.close()
         self.model.close()

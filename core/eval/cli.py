@@ -8,7 +8,7 @@ from pathlib import Path
 
 from localcoder.cli import add_model_arguments, config_from_args
 
-SUITES = ("humaneval-single", "humaneval-multi", "humaneval-partial", "heldout", "docstrings")
+SUITES = ("humaneval-single", "humaneval-multi", "humaneval-partial", "heldout", "docstrings", "humaneval-function")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,14 +17,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="sample N cases per suite (deterministic, --seed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", action="append", default=[], help="source directory/file for held-out cases")
-    p.add_argument("--heldout-kinds", default="line", help="comma list of line,block")
+    p.add_argument("--heldout-kinds", default="line", help="comma list of line,partial,block")
     p.add_argument("--no-exec", action="store_true", help="skip running tests (no pass@1)")
     p.add_argument("--cold", action="store_true", help="no KV reuse between cases (cold latency)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, help="override generated tokens per case")
     p.add_argument("--out", help="write JSON results here")
     p.add_argument("--paired-healing", action="store_true",
                    help="run each suite again without token healing; print the paired ES difference (95%% CI)")
+    p.add_argument("--baseline", metavar="FIELD=VALUE,...",
+                   help="run each suite again with these settings changed (e.g. adapter=off,fim_order=psm) and "
+                        "print the paired ES difference, this run minus the baseline (95%% CI)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    from localcoder.cliargs import add_dataclass_arguments
+    from localcoder.config import CheckConfig
+
+    add_dataclass_arguments(p.add_argument_group("humaneval-function (sampled + checked)"), CheckConfig,
+                            exclude=("check",), overrides={"candidates": {"help": "samples per problem (default here: 10)"}})
     add_model_arguments(p)
 
 
@@ -54,20 +62,63 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest("--limit must be a positive number", param="limit")
     cfg = config_from_args(args)
     completer = Completer.from_config(cfg, pull=True, progress=not args.quiet)
+    baseline = baseline_completer(cfg, args.baseline) if args.baseline else None
     reports = []
+    checked = []
     for suite in args.suite or ["humaneval-single"]:
+        if suite == "humaneval-function":  # sampled and execution-checked (localcoder.checked)
+            from localcoder.eval.humaneval_function import run_suite
+
+            checked.append(run_suite(completer, cfg, args))
+            continue
         cases = cases_for(suite, args)
         reports.append(evaluate(completer, cases, execute=not args.no_exec, progress=not args.quiet, name=suite,
                                 max_tokens=args.max_tokens, cold=args.cold))
         if args.paired_healing:
             reports.append(healing_off(completer, cases, suite, args, reports[-1]))
+        if baseline is not None:
+            reports.append(against_baseline(baseline, cases, suite, args, reports[-1]))
     print(f"model: {cfg.model.model}  engine: {completer.engine.name}  format: {completer.format.name}"
           f"  order: {completer.order}", file=sys.stderr)
-    print(table(reports))
+    if reports:
+        print(table(reports))
+    for report in checked:
+        print(report.table(cfg.model.model))
     if args.out:
-        write_reports(reports, Path(args.out))
+        write_reports([*reports, *checked], Path(args.out))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def baseline_completer(cfg, spec: str):
+    """A second Completer from ``cfg`` with ``field=value`` settings changed (any Config field)."""
+    import copy
+
+    from localcoder.completion import Completer
+    from localcoder.errors import InvalidRequest
+
+    try:
+        changes = dict(item.split("=", 1) for item in spec.split(",") if item)
+    except ValueError:
+        raise InvalidRequest(f"--baseline takes field=value pairs separated by commas, got {spec!r}",
+                             param="baseline") from None
+    other = copy.deepcopy(cfg).apply(changes)
+    return Completer.from_config(other, pull=True)
+
+
+def against_baseline(baseline, cases, suite: str, args: argparse.Namespace, report):
+    """The same cases through the baseline, and the paired ES (and EM) difference this run - baseline."""
+    from localcoder.eval.metrics import paired_bootstrap
+    from localcoder.eval.runner import evaluate
+
+    base = evaluate(baseline, cases, execute=not args.no_exec, progress=not args.quiet,
+                    name=f"{suite} (baseline: {args.baseline}, order {baseline.order})", max_tokens=args.max_tokens,
+                    cold=args.cold)
+    for metric in ("es", "em"):
+        diff, lo, hi = paired_bootstrap([getattr(r, metric) for r in report.rows], [getattr(r, metric) for r in base.rows])
+        print(f"{suite}: {metric.upper()} vs baseline {diff:+.3f} (95% CI {lo:+.3f}..{hi:+.3f}, n={len(cases)})",
+              file=sys.stderr)
+    return base
 
 
 def healing_off(completer, cases, suite: str, args: argparse.Namespace, healed):

@@ -1,0 +1,293 @@
+"""Execution-checked completions with a fake engine scripted to return candidates: ranking (CodeT),
+tests from docstrings and from the model, discarded tests, hostile candidates, the request surfaces
+(CLI exit codes, HTTP option, errors) and cancellation."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from localcoder.checked import (CheckOptions, Candidate, Test, check, checked_request, doctests, example_lines,
+                                function_at_cursor, parse_generated, rank, run_candidate)
+from localcoder.completion import Completer, InfillRequest
+from localcoder.config import Config
+from localcoder.engines.base import CancelToken
+from localcoder.engines.fake import FakeEngine
+from localcoder.errors import InvalidRequest
+
+SOURCE = '''import math
+
+
+def add(a, b):
+    """Add two numbers.
+
+    >>> add(2, 3)
+    5
+
+    add(1, 1) == 2
+    """
+'''
+
+
+class ScriptedEngine(FakeEngine):
+    """Candidate ``seed % len(candidates)`` for a completion prompt; ``tests`` for the test-writing prompt."""
+
+    def __init__(self, candidates: list[str], tests: str = "", delay_s: float = 0.0):
+        super().__init__(completion="", token_delay_s=delay_s)
+        self.candidates, self.tests = candidates, tests
+        self.seeds: list[int] = []
+
+    def generate(self, request):
+        prompt = self.tokenizer.decode(request.tokens)
+        if "# check the correctness of" in prompt:
+            self.completion = self.tests
+        else:
+            self.seeds.append(request.sampling.seed)
+            self.completion = self.candidates[request.sampling.seed % len(self.candidates)]
+        return super().generate(request)
+
+
+GOOD = "    return a + b\n"
+WRONG = "    return a - b\n"
+TESTS = "1, 2) == 3\nassert add(0, 0) == 0\nassert add(2, 2) == 5\nassert add(1,\nassert add(-1, 1) == 0\n\n"
+
+
+def run(candidates, tests=TESTS, n=None, **kw):
+    engine = ScriptedEngine(candidates, tests)
+    completer = Completer(engine)
+    opts = CheckOptions(candidates=n or len(candidates), tests=8, test_seconds=1.0, define_seconds=1.0,
+                        tests_budget_seconds=3.0, **kw)
+    return check(completer, InfillRequest(SOURCE, "", path="m.py"), opts), engine
+
+
+def test_the_candidate_the_tests_agree_on_ranks_first_with_its_evidence():
+    out, engine = run([WRONG, GOOD, GOOD, "    return a * b\n"])
+    assert engine.seeds == [0, 1, 2, 3]  # distinct seeds, one per candidate (sequential fallback)
+    top = out.candidates[0]
+    assert top.text == GOOD.rstrip("\n") and top.samples == 2
+    ev = out.evidence
+    assert ev["ranked"] and not ev["batched_decode"]
+    kinds = {t["kind"] for t in ev["tests"]}
+    assert kinds == {"doctest", "example", "generated"}
+    # doctest + example + add(1,2)==3, add(0,0)==0, add(-1,1)==0; add(2,2)==5 fails everywhere -> dropped
+    assert len(ev["tests"]) == 5
+    assert ev["discarded"]["failing_everywhere"] == 1 and ev["discarded"]["unparsable"] == 1
+    assert ev["discarded"]["failing_everywhere_tests"] == ["assert add(2, 2) == 5"]
+    first = ev["candidates"][0]
+    assert first["score"] == 2 * 5 and len(first["passed"]) == 5
+    wrong = next(c for c in ev["candidates"] if c["text"] == WRONG.rstrip("\n"))
+    assert wrong["failed"] and wrong["score"] < first["score"]
+    json.dumps(ev)  # the evidence is plain JSON
+
+
+def test_codet_score_is_group_size_times_tests_passed():
+    tests = [Test("a", "generated", "assert 1"), Test("b", "generated", "assert 1"), Test("c", "generated", "assert 1")]
+    p = "passed"
+    x = Candidate("x", 1, 0, p, {"a": p, "b": p, "c": p})  # passes all, alone
+    y = Candidate("y", 2, 1, p, {"a": p, "b": "failed", "c": "failed"})  # passes a, with z
+    z = Candidate("z", 2, 2, p, {"a": p, "b": "failed", "c": "failed"})
+    ordered, kept, dropped = rank([x, y, z], tests)
+    assert [c.score for c in ordered] == [4, 4, 3] and dropped == 0
+    assert [c.text for c in ordered] == ["y", "z", "x"]  # ties: more samples, then sample order
+
+
+def test_hostile_candidates_are_stopped_and_fail(tmp_path):
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    hostile = {
+        "loop": "    while True:\n        pass\n",
+        "c_loop": "    return sum(range(10 ** 13))\n",
+        "alloc": "    x = []\n    while True:\n        x.append(' ' * 10 ** 7)\n",
+        "fork": "    import os\n    os.fork()\n    return a + b\n",
+        "posix_fork": "    import posix\n    posix.fork()\n    return a + b\n",
+        "socket": "    import socket\n    socket.create_connection(('127.0.0.1', 9))\n    return a + b\n",
+        "delete": f"    import os, shutil\n    os.remove({str(victim)!r})\n    return a + b\n",
+        "write": f"    open({str(victim)!r}, 'w').write('gone')\n    return a + b\n",
+        "print": "    print('x' * (1 << 24))\n    return a + b\n",
+    }
+    t0 = time.monotonic()
+    out, _ = run([GOOD, *hostile.values()])
+    assert time.monotonic() - t0 < 60
+    by_text = {c["text"]: c for c in out.evidence["candidates"]}
+    assert out.candidates[0].text == GOOD.rstrip("\n")
+    for name, body in hostile.items():
+        c = by_text[body.rstrip("\n")]
+        if name == "print":  # prints are discarded; the answer is still right, so it passes
+            assert c["passed"], c
+            continue
+        assert not c["passed"] and c["score"] == 0, (name, c)
+        assert c["failed"], name
+    assert victim.read_text() == "precious"
+
+
+def test_sandbox_reports_timeouts_and_memory_errors_per_test():
+    opts = CheckOptions(test_seconds=0.5, define_seconds=1.0, tests_budget_seconds=2.0)
+    tests = [Test("t1", "generated", "assert f() == 1"), Test("t2", "generated", "assert f() == 1")]
+    define, res = run_candidate("def f():\n    while True: pass\n", tests, opts)
+    assert define == "passed" and set(res.values()) == {"timeout"}
+    define, res = run_candidate("def f():\n    return [0] * (10 ** 10)\n", tests, opts)
+    assert res["t1"].startswith("error: MemoryError")
+    define, res = run_candidate("def f(:\n", tests, opts)
+    assert define.startswith("error: SyntaxError") and set(res.values()) == {"not run"}
+
+
+def test_doctests_and_example_lines_count_as_written():
+    doc = "Say.\n>>> x = 2\n>>> f(x)\n3\n>>> f(1)  # doctest: +ELLIPSIS\n2...\n\nf(4) ➞ 5\nf([1, 2]) => 3.\nf(x) is big"
+    dt = doctests(doc)
+    assert [(t.code, t.want.strip()) for t in dt] == [("f(x)", "3"), ("f(1)  # doctest: +ELLIPSIS", "2...")]
+    assert dt[0].setup == "x = 2\n"
+    assert [t.code for t in example_lines(doc, "f")] == ["assert f(4) == 5", "assert f([1, 2]) == 3"]
+    define, res = run_candidate("def f(x):\n    return x + 1\n", dt, CheckOptions())
+    assert res == {"doctest1": "passed", "doctest2": "passed"}
+
+
+def test_generated_asserts_are_parsed_deduplicated_and_counted():
+    tests, counts = parse_generated(["1) == 2\nassert f(2) == 3\nassert f(1) == 2\nassert f(\nassert g(1)\nx = 1\n"
+                                     "assert f(9) == 9"], "f", 8, set())
+    assert [t.code for t in tests] == ["assert f(1) == 2", "assert f(2) == 3"]
+    assert counts == {"unparsable": 2, "duplicates": 1}
+
+
+def test_cursor_outside_a_function_body_is_an_invalid_request():
+    assert function_at_cursor("x = 1\n", "") is None
+    assert function_at_cursor("def f(a", "):\n    pass\n") is None  # in the signature
+    assert function_at_cursor("def f(a):\n    ", "") is not None
+    req = checked_request(InfillRequest("x = 1\n", "", path="m.py"), CheckOptions())
+    with pytest.raises(InvalidRequest) as err:
+        req.validate()
+    assert err.value.param == "position"
+    with pytest.raises(InvalidRequest):
+        checked_request(InfillRequest(SOURCE, ""), CheckOptions(candidates=0)).validate()
+
+
+def test_other_languages_get_unranked_candidates_with_a_note():
+    engine = ScriptedEngine(["  return a + b;\n}\n", "  return b + a;\n}\n"])
+    completer = Completer(engine)
+    out = check(completer, InfillRequest("function add(a, b) {\n", "", language="javascript"),
+                CheckOptions(candidates=2))
+    assert out.evidence["ranked"] is False and "only Python" in out.evidence["note"]
+    assert len(out.evidence["candidates"]) == 2
+
+
+def test_cancel_stops_decoding_and_execution():
+    engine = ScriptedEngine([GOOD + "    # " + "x" * 400 + "\n"], delay_s=0.01)
+    completer = Completer(engine)
+    cancel = CancelToken()
+    threading.Timer(0.3, cancel.cancel).start()
+    t0 = time.monotonic()
+    out = check(completer, InfillRequest(SOURCE, "", path="m.py"), CheckOptions(candidates=8, max_tokens=400), cancel)
+    assert out.cancelled and time.monotonic() - t0 < 3
+    assert engine.tokens_generated_total < 8 * 400 / 4
+
+
+def test_cli_checked_completion_and_its_errors(tmp_path, monkeypatch, capsys):
+    from localcoder.cli import main
+
+    src = tmp_path / "m.py"
+    src.write_text(SOURCE)
+    monkeypatch.setenv("LOCALCODER_FAKE_COMPLETION", GOOD)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    line = SOURCE.count("\n") + 1
+    code = main(["complete", str(src), "--line", str(line), "--column", "1", "--model", "fake",
+                 "--check", "tests", "--candidates", "3", "--check-tests", "2", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads(captured.out)
+    assert data["text"] == GOOD.rstrip("\n") and data["checked"]["candidates"][0]["samples"] == 3
+    assert "candidates decoded: 3/3" in captured.err
+    code = main(["complete", str(src), "--line", "1", "--column", "1", "--model", "fake",
+                 "--check", "tests"])
+    assert code == 2 and "function body" in capsys.readouterr().err
+
+
+def test_server_checked_option_errors_and_keeps_serving():
+    from localcoder.server.app import create_app
+    from conftest import serve_app
+
+    engine = ScriptedEngine([GOOD, "    while True:\n        pass\n"], TESTS)
+    app = create_app(Completer(engine), Config())
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/infill", json={"input_prefix": SOURCE, "input_suffix": "", "check": "tests", "candidates": 2,
+                                    "check_tests": 4, "path": "m.py"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["content"] == GOOD.rstrip("\n") and body["checked"]["candidates"][0]["score"] > 0
+        r = c.post("/infill", json={"input_prefix": "x = 1\n", "check": "tests", "path": "m.py"})
+        assert r.status_code == 400 and "function body" in r.json()["error"]["message"]
+        r = c.post("/infill", json={"input_prefix": SOURCE, "check": "maybe"})
+        assert r.status_code == 400
+        r = c.post("/v1/completions", json={"prompt": SOURCE, "suffix": "", "check": "tests", "candidates": 2})
+        assert r.status_code == 200 and r.json()["checked"]["ranked"] is True
+        r = c.post("/infill", json={"input_prefix": "def f():\n", "input_suffix": ""})  # plain requests still served
+        assert r.status_code == 200 and "checked" not in r.json()
+
+
+def test_unbiased_pass_at_k():
+    from localcoder.eval.humaneval_function import pass_at_k
+
+    assert pass_at_k(10, 0, 1) == 0.0 and pass_at_k(10, 10, 10) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 1, 10) == 1.0 and pass_at_k(10, 2, 5) == pytest.approx(1 - (8 * 7 * 6 * 5 * 4) / (10 * 9 * 8 * 7 * 6))
+
+
+async def test_lsp_code_action_complete_function_checked(tmp_path):
+    """A real `localcoder lsp` process (fake engine): the action is offered on a blank body line,
+    the command inserts the top candidate and returns the evidence; outside a body it is an error."""
+    import os
+    import sys
+
+    from lsprotocol import types
+    from pygls.exceptions import JsonRpcException
+    from pytest_lsp import ClientServerConfig
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCALCODER_")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path), LOCALCODER_FAKE_COMPLETION=GOOD, LOCALCODER_CANDIDATES="3",
+               LOCALCODER_CHECK_TESTS="2")
+    if "LOCALCODER_HOME" in os.environ:
+        env["LOCALCODER_HOME"] = os.environ["LOCALCODER_HOME"]
+    cfg = ClientServerConfig(server_command=[sys.executable, "-m", "localcoder.cli", "lsp", "--engine", "fake",
+                                             "--model", "fake"], server_env=env)
+    client = await cfg.start()
+    edits = []
+
+    @client.feature(types.WORKSPACE_APPLY_EDIT)
+    def apply_edit(params):
+        edits.append(params)
+        return types.ApplyWorkspaceEditResult(applied=True)
+
+    uri = "file:///work/proj/m.py"
+    caps = types.ClientCapabilities(workspace=types.WorkspaceClientCapabilities(apply_edit=True))
+    try:
+        await client.initialize_session(types.InitializeParams(capabilities=caps, root_uri="file:///work/proj"))
+        text = SOURCE + "    \n"
+        client.text_document_did_open(types.DidOpenTextDocumentParams(types.TextDocumentItem(uri, "python", 1, text)))
+        line = SOURCE.count("\n")
+
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
+        from lsp_helpers import raw_request
+
+        async def raw(method, params):
+            return await raw_request(client, method, params, timeout=60)
+
+        pos = {"line": line, "character": 4}
+        actions = await raw("textDocument/codeAction", {"textDocument": {"uri": uri}, "range": {"start": pos, "end": pos},
+                                                        "context": {"diagnostics": []}})
+        titles = [a["title"] for a in actions]
+        assert "Complete function (checked): add()" in titles
+        res = await raw("workspace/executeCommand", {"command": "localcoder.completeChecked", "arguments": [uri, pos]})
+        assert res["applied"] is True and res["text"] == GOOD.rstrip("\n")
+        assert res["checked"]["candidates"][0]["samples"] == 3 and "score" in res["documentation"]
+        assert len(edits) == 1
+        with pytest.raises(JsonRpcException):
+            await raw("workspace/executeCommand", {"command": "localcoder.completeChecked",
+                                                   "arguments": [uri, {"line": 0, "character": 0}]})
+        # the server keeps serving
+        again = await raw("workspace/executeCommand", {"command": "localcoder.completeChecked", "arguments": [uri, pos]})
+        assert again is not None
+        await client.shutdown_session()
+    finally:
+        await client.stop()
