@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -59,6 +60,9 @@ class BenchConfig:
     llama_server: str = ""  # llama-server binary for the editor replay ("" = find it; "off" = skip it)
     editor_file_b: str = ""  # second file of the two-files replay (default: the stdlib's shlex.py)
     editor_chars: int = 160
+    # the editor replay's "before": serve flags of a second localcoder (default config + these flags) in the
+    # same interleaved run, e.g. "--adapter off" (plain PSM); "" = none
+    editor_baseline: str = ""
 
 
 @dataclass
@@ -357,7 +361,7 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
     workloads = ed.editor_workloads(cfg.typing_file or str(default_typing_file()),
                                     cfg.editor_file_b or str(Path(os.__file__).parent / "shlex.py"),
                                     cfg.editor_chars, cfg.max_tokens)
-    n = sum(len(r) for r in workloads.values()) * (2 if binary else 1)
+    n = sum(len(r) for r in workloads.values()) * (1 + bool(binary) + bool(cfg.editor_baseline))
     bar = tqdm(total=n, desc="editor replay", unit="req", file=sys.stderr, disable=not progress)
     with ExitStack() as stack:
         port = free_port()
@@ -365,6 +369,12 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
                "--port", str(port), "--log-level", "warning"]
         targets = [ed.InfillTarget("localcoder", stack.enter_context(
             serving(cmd, f"http://127.0.0.1:{port}", "/health")))]
+        if cfg.editor_baseline:  # the same server with some flags changed: the "before" of a speed change
+            port = free_port()
+            base = [*cmd[:cmd.index("--port") + 1], str(port), *cmd[cmd.index("--port") + 2:],
+                    *shlex.split(cfg.editor_baseline)]
+            targets.append(ed.InfillTarget(f"localcoder {cfg.editor_baseline}", stack.enter_context(
+                serving(base, f"http://127.0.0.1:{port}", "/health"))))
         if binary:
             port = free_port()
             url = stack.enter_context(serving(ed.llama_server_cmd(binary, cfg.model, port, cfg.threads),
@@ -456,10 +466,11 @@ def plot(report_: dict[str, Any], path: Path) -> None:
     for t in targets:
         xs = [int(w[5:]) for w in colds if t in report_["results"][w]]
         ax1.plot(xs, [report_["results"][f"cold@{x}"][t]["p50_ms"] / 1000 for x in xs], marker="o", label=t)
-        samples = report_["samples"].get(f"{t}/typing", [])
-        lat = sorted(s["latency_ms"] + report_["config"]["debounce_ms"] for s in samples)
-        if lat:
-            ax2.plot([v / 1000 for v in lat], np.linspace(0, 1, len(lat)), label=t)
+        for workload in ("typing", "vim:mid-file"):  # the HTTP typing replay and llama.vim's mid-file one
+            samples = report_["samples"].get(f"{t}/{workload}", [])
+            lat = sorted(s["latency_ms"] + report_["config"]["debounce_ms"] for s in samples)
+            if lat:
+                ax2.plot([v / 1000 for v in lat], np.linspace(0, 1, len(lat)), label=f"{t} {workload}")
     ax1.set(title="cold request (p50)", xlabel="context tokens", ylabel="seconds")
     ax2.set(title="typing replay: keystroke to completion", xlabel="seconds", ylabel="fraction of pauses")
     for ax in (ax1, ax2):
