@@ -250,7 +250,7 @@ def test_an_edit_above_the_cursor_is_never_answered_from_stale_tokens(engine, co
 
 def test_cancel_during_a_long_prefill_leaves_the_slots_consistent(engine, completer, prompts, cold):
     engine.reset_cache()
-    long_prefix = "".join(f"def helper_{i}(x):\n    return x * {i} + {i * i}\n\n\n" for i in range(10))
+    long_prefix = "".join(f"def helper_{i}(x):\n    return x * {i} + {i * i}\n\n\n" for i in range(14))
     long = completer.prompt(InfillRequest(long_prefix + "def main():\n    total = ", "\n    print(total)\n"))[0]
     assert len(long) > 6 * 32
     out_b, _ = run(engine, prompts["b"])
