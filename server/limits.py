@@ -34,9 +34,12 @@ class TimedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
         self._head = b""  # the bytes of the request head read so far (bounded by max_header_bytes)
+        self._rejected = False
         self._arm(self.header_timeout_s, "request head")
 
     def data_received(self, data: bytes) -> None:
+        if self._rejected:  # answered 431: the rest of what the client sends is read and dropped
+            return
         if self._deadline is None and self._between_requests():
             self._arm(self.header_timeout_s, "request head")  # a new request begins on a kept-alive connection
         if self._between_requests() and self._head_too_large(data):
@@ -64,7 +67,12 @@ class TimedH11Protocol(H11Protocol):
         self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
                              b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
         self._disarm()
-        self.transport.close()
+        # close our side but keep reading (and dropping) a moment: closing with unread bytes would send a
+        # reset that can destroy the 431 before the client reads it
+        self._rejected = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(2.0, self.transport.close)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
