@@ -231,6 +231,26 @@ def read_config(model_dir: Path) -> tuple[dict, str]:
     return cfg, arch
 
 
+@contextmanager
+def _gguf_file(out: Path, arch: str):
+    """A GGUFWriter onto a temporary file beside ``out``: written and renamed into place when the
+    block ends normally, removed otherwise (a killed export never leaves a half file at ``out``)."""
+    import gguf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str = "f16", *, name: str | None = None,
                progress: bool = True) -> GgufResult:
     """Write ``model_dir`` (HF safetensors + tokenizer) as a GGUF of type f32 | f16 | bf16 | q8_0."""
@@ -240,10 +260,7 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str =
         raise InvalidRequest(f"write_gguf writes {', '.join(PY_TYPES)}; use export_gguf for {type}", param="type")
     model_dir, out = Path(model_dir), Path(out)
     cfg, arch = read_config(model_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
+    with _gguf_file(out, arch) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or model_dir.name)
         writer.add_description(f"exported by localcoder quantize from {model_dir.name} ({type})")
@@ -252,13 +269,6 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str =
         add_hparams(writer, cfg, arch)
         add_tokenizer(writer, model_dir, arch, cfg["vocab_size"])
         n = add_tensors(writer, model_dir, cfg, arch, type, progress=progress)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return GgufResult(out, type, arch, n, out.stat().st_size)
 
 
@@ -361,10 +371,7 @@ def write_lora_gguf(tensors, out: str | os.PathLike, *, alpha: float, base_confi
     n_head = base_config["num_attention_heads"]
     n_kv = base_config.get("num_key_value_heads", n_head)
     pairs = lora_pairs(tensors)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
+    with _gguf_file(out, arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(name)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -379,11 +386,4 @@ def write_lora_gguf(tensors, out: str | os.PathLike, *, alpha: float, base_confi
                 lora_b = _permute_for_llama(lora_b, n_head if "q_proj" in hf_name else n_kv)
             for suffix, data in ((".lora_a", lora_a), (".lora_b", lora_b)):
                 writer.add_tensor(new + suffix, data.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return GgufResult(out, "f16", arch, 2 * len(pairs), out.stat().st_size)
