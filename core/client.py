@@ -442,6 +442,10 @@ def infill_body(req: InfillRequest) -> dict[str, Any]:
     if req.budget is not None:
         body.update(prefix_tokens=req.budget.prefix_tokens, suffix_tokens=req.budget.suffix_tokens,
                     extra_tokens=req.budget.extra_tokens)
+    check = getattr(req, "check", None)
+    if check is not None:  # a checked completion: the server samples, writes tests and runs them
+        body.update(check="tests", candidates=check.candidates, check_tests=check.tests, n_predict=check.max_tokens,
+                    temperature=check.temperature, top_p=check.top_p, top_k=check.top_k, seed=check.seed)
     return body
 
 
@@ -453,6 +457,11 @@ def result_from_infill(data: dict[str, Any], text: str, req: InfillRequest) -> C
                       predicted_ms=float(t.get("predicted_ms", 0) or 0))
     stop = str(data.get("stop_reason") or data.get("stop_type") or "limit")
     timings.cancelled = stop == "cancelled"
+    if isinstance(data.get("checked"), dict):  # the evidence of a checked completion (infill_body's check)
+        from localcoder.checked import CheckedResult
+
+        return CheckedResult(text, stop, req.mode, timings, bool(data.get("truncated", False)), evaluated + cached,
+                             checked=data["checked"])
     return CompletionResult(text, stop, req.mode, timings, bool(data.get("truncated", False)), evaluated + cached)
 
 

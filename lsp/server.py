@@ -349,7 +349,6 @@ async def complete_checked(ls: LocalcoderServer, uri: str, position: dict) -> di
     (``localcoder.checked``), insert the top one (workspace/applyEdit); the evidence comes back in the
     result (``checked``, and as Markdown in ``documentation``)."""
     from localcoder.checked import CheckOptions, checked_request, evidence_markdown
-    from localcoder.client import InProcessClient
 
     try:
         doc = ls.documents.get(uri)
@@ -357,9 +356,6 @@ async def complete_checked(ls: LocalcoderServer, uri: str, position: dict) -> di
         offset = doc.offset_at(at)
         req = checked_request(ls.infill_request(doc, offset), CheckOptions.from_config(ls.config.check))
         req.validate()  # not in a function body: an InvalidParams error now
-        if not isinstance(ls.engine(), InProcessClient):
-            raise InvalidRequest("checked completion runs with the in-process engine only (serverUrl is set)",
-                                 param="serverUrl")
     except (InvalidRequest, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise to_response_error(exc if isinstance(exc, InvalidRequest) else
                                 InvalidRequest(f"bad arguments: {exc}", param="arguments")) from None

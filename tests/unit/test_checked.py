@@ -226,6 +226,33 @@ def test_server_checked_option_errors_and_keeps_serving():
         assert r.status_code == 200 and "checked" not in r.json()
 
 
+def test_a_running_server_answers_checked_requests_of_the_http_client():
+    """serverUrl mode (the LSP's and the CLI's HttpClient): the check runs on the server, the evidence
+    comes back with the top candidate."""
+    import asyncio
+
+    from localcoder.checked import CheckedResult
+    from localcoder.client import HttpClient, complete
+    from localcoder.server.app import create_app
+    from conftest import serve_app
+
+    engine = ScriptedEngine([WRONG, GOOD, GOOD], TESTS)
+    req = checked_request(InfillRequest(SOURCE, "", path="m.py"), CheckOptions(candidates=3, tests=4, seed=7))
+
+    async def ask(url):
+        client = HttpClient(url)
+        try:
+            return await complete(client, req)
+        finally:
+            await client.close()
+
+    with serve_app(create_app(Completer(engine), Config())) as url:
+        result = asyncio.run(ask(url))
+    assert isinstance(result, CheckedResult) and result.text == GOOD.rstrip("\n")
+    assert result.checked["candidates"][0]["samples"] == 2 and result.checked["ranked"] is True
+    assert sorted(engine.seeds) == [7, 8, 9]  # the options travelled: three candidates from seed 7
+
+
 def test_unbiased_pass_at_k():
     from localcoder.eval.humaneval_function import pass_at_k
 
