@@ -63,6 +63,7 @@ class BenchConfig:
     # the editor replay's "before": serve flags of a second localcoder (default config + these flags) in the
     # same interleaved run, e.g. "--adapter off" (plain PSM); "" = none
     editor_baseline: str = ""
+    editor_lsp: bool = True  # the editor replay also types through `localcoder lsp` (default config, stdio)
 
 
 @dataclass
@@ -361,7 +362,7 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
     workloads = ed.editor_workloads(cfg.typing_file or str(default_typing_file()),
                                     cfg.editor_file_b or str(Path(os.__file__).parent / "shlex.py"),
                                     cfg.editor_chars, cfg.max_tokens)
-    n = sum(len(r) for r in workloads.values()) * (1 + bool(binary) + bool(cfg.editor_baseline))
+    n = sum(len(r) for r in workloads.values()) * (1 + bool(binary) + bool(cfg.editor_baseline) + cfg.editor_lsp)
     bar = tqdm(total=n, desc="editor replay", unit="req", file=sys.stderr, disable=not progress)
     with ExitStack() as stack:
         port = free_port()
@@ -375,6 +376,11 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
                     *shlex.split(cfg.editor_baseline)]
             targets.append(ed.InfillTarget(f"localcoder {cfg.editor_baseline}", stack.enter_context(
                 serving(base, f"http://127.0.0.1:{port}", "/health"))))
+        if cfg.editor_lsp:  # the same keystrokes through the language server (in-process engine)
+            lsp = ed.LspTarget("localcoder lsp", [sys.executable, "-m", "localcoder.cli", "lsp", "--model", cfg.model,
+                                                  "--threads", str(cfg.threads), "--log-level", "warning"])
+            stack.callback(lsp.close)
+            targets.append(lsp)
         if binary:
             port = free_port()
             url = stack.enter_context(serving(ed.llama_server_cmd(binary, cfg.model, port, cfg.threads),

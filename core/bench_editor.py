@@ -106,7 +106,7 @@ class InfillTarget:
         self.name = name
         self.client = httpx.Client(base_url=url, timeout=600)
 
-    def send(self, body: dict) -> Sample:
+    def send(self, body: dict, file: str = "") -> Sample:
         t0 = time.perf_counter()
         r = self.client.post("/infill", json=body)
         ms = (time.perf_counter() - t0) * 1000
@@ -140,6 +140,108 @@ def llama_server_cmd(binary: str, model: str, port: int, threads: int) -> list[s
             "-tb", str(threads), "-ub", "1024", "-b", "1024", "--ctx-size", "0", "--cache-reuse", "256"]
 
 
+class LspTarget:
+    """``localcoder lsp`` over stdio, driven as an editor drives it: the first request of a file opens it
+    (``didOpen``), the later ones send the buffer as it is now (``didChange``), then ask for
+    ``textDocument/inlineCompletion`` at the cursor (invoked, so the server adds no debounce of its own:
+    the report adds the same client debounce to every target). The document is the text llama.vim's body
+    holds (its window of the file); llama.vim's warm-ups have no LSP equivalent and are skipped. The
+    response carries no token counts, so LSP rows report latency and text only."""
+
+    def __init__(self, name: str, cmd: list[str], timeout_s: float = 600):
+        import subprocess
+        import threading
+
+        self.name, self.timeout_s = name, timeout_s
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._ids = iter(range(1, 1 << 62))
+        self._replies: dict[int, dict] = {}
+        self._cond = threading.Condition()
+        self._versions: dict[str, int] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+        self.call("initialize", {"processId": os.getpid(), "rootUri": None, "capabilities": {}})
+        self.notify("initialized", {})
+        deadline = time.monotonic() + timeout_s
+        while "engine" not in (self.call("localcoder/stats", {}) or {}):  # the model loads after `initialized`
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]}: the language server never became ready")
+            time.sleep(0.2)
+
+    def _write(self, msg: dict) -> None:
+        data = json.dumps(msg).encode("utf-8")
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        self.proc.stdin.flush()
+
+    def _read(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        while True:
+            length = 0
+            while (line := out.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            if not line:
+                break
+            msg = json.loads(out.read(length))
+            if "method" in msg and "id" in msg:  # a request from the server (registerCapability, ...)
+                self._write({"jsonrpc": "2.0", "id": msg["id"], "result": None})
+            elif "id" in msg:
+                with self._cond:
+                    self._replies[msg["id"]] = msg
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def notify(self, method: str, params: dict) -> None:
+        self._write({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def call(self, method: str, params: dict):
+        mid = next(self._ids)
+        self._write({"jsonrpc": "2.0", "id": mid, "method": method, "params": params})
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in self._replies or self.proc.poll() is not None, self.timeout_s):
+                raise TimeoutError(f"{method}: no answer from the language server in {self.timeout_s:.0f} s")
+            if mid not in self._replies:
+                raise RuntimeError(f"{method}: the language server exited")
+            reply = self._replies.pop(mid)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result")
+
+    def send(self, body: dict, file: str = "buffer.py") -> Sample:
+        if body.get("n_predict") == 0:  # llama.vim's warm-up: an LSP client sends nothing like it
+            return Sample(0.0, 0, 0, 0, "")
+        uri = "file:///bench/" + file
+        before = body["input_prefix"] + body.get("prompt", "")
+        text = before + body["input_suffix"]
+        line = before.count("\n")
+        character = len(before[before.rfind("\n") + 1:].encode("utf-16-le")) // 2
+        t0 = time.perf_counter()
+        if uri not in self._versions:
+            self._versions[uri] = 1
+            self.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                                  "text": text}})
+        else:
+            self._versions[uri] += 1
+            self.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": self._versions[uri]},
+                                                   "contentChanges": [{"text": text}]})
+        res = self.call("textDocument/inlineCompletion", {
+            "textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+            "context": {"triggerKind": 1}})
+        ms = (time.perf_counter() - t0) * 1000
+        items = (res or {}).get("items", []) if isinstance(res, dict) else (res or [])
+        return Sample(ms, 0, 0, 0, str(items[0].get("insertText", "")) if items else "")
+
+    def close(self) -> None:
+        try:
+            self.call("shutdown", None)  # type: ignore[arg-type]
+            self.notify("exit", {})
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+
+
 # ---- the replay ----------------------------------------------------------------------------------
 
 
@@ -154,7 +256,7 @@ def editor_workloads(file_a: str, file_b: str, chars: int, max_tokens: int) -> d
     }
 
 
-def run_replay(targets: list[InfillTarget], workloads: dict[str, list[VimRequest]],
+def run_replay(targets: list[InfillTarget | LspTarget], workloads: dict[str, list[VimRequest]],
                tick: Callable[[], None]) -> list[WorkloadResult]:
     """Each request goes to every target in turn (separate server processes, so one target's
     requests never touch the other's cache); a buffer switch first sends llama.vim's warm-up."""
@@ -166,7 +268,7 @@ def run_replay(targets: list[InfillTarget], workloads: dict[str, list[VimRequest
             for target in targets:
                 if previous is not None and req.file != previous:
                     target.send(warmup_body(req.body["input_extra"]))
-                by_target[target.name].samples.append(target.send(req.body))
+                by_target[target.name].samples.append(target.send(req.body, req.file))
                 tick()
             previous = req.file
         results += by_target.values()

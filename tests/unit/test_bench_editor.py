@@ -31,3 +31,27 @@ def test_end_of_file_has_no_suffix_and_two_files_alternate():
     assert all(r.body["input_suffix"] == "" for r in end)
     both = alternate(typing_requests(TEXT, "a.py", 20, False, [], 8), typing_requests(TEXT, "b.py", 20, False, [], 8))
     assert [r.file for r in both[:4]] == ["a.py", "b.py", "a.py", "b.py"]
+
+
+def test_the_lsp_target_types_through_a_real_language_server(monkeypatch, tmp_path):
+    """`localcoder lsp` over stdio (fake engine): the first body opens the buffer, the next ones change
+    it; each keystroke's inline completion comes back; llama.vim's warm-ups are not sent."""
+    import sys
+
+    from localcoder.bench_editor import LspTarget, warmup_body
+
+    monkeypatch.setenv("LOCALCODER_FAKE_COMPLETION", "return 1")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    reqs = typing_requests(TEXT, "a.py", 12, False, [], 8)
+    lsp = LspTarget("lsp", [sys.executable, "-m", "localcoder.cli", "lsp", "--engine", "fake", "--model", "fake"],
+                    timeout_s=60)
+    try:
+        samples = [lsp.send(r.body, r.file) for r in reqs]
+        assert lsp.send(warmup_body([]), "b.py").latency_ms == 0.0
+        assert all(s.text == "return 1" and s.latency_ms > 0 for s in samples)
+        assert lsp._versions == {"file:///bench/a.py": len(reqs)}  # opened once, then changed
+        stats = lsp.call("localcoder/stats", {})
+        assert stats["documents"] == 1
+    finally:
+        lsp.close()
+    assert lsp.proc.poll() is not None
