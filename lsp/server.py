@@ -48,6 +48,9 @@ CHECKED_COMMAND = "localcoder.completeChecked"
 ACCEPTED_NOTIFICATION = "localcoder/accepted"
 REJECTED_NOTIFICATION = "localcoder/rejected"
 STATS_REQUEST = "localcoder/stats"
+# ours: the editor's cursor landed somewhere new (a jump, a buffer switch) — {textDocument: {uri}, position}
+PREFETCH_NOTIFICATION = "localcoder/prefetch"
+JUMP_LINES = 2  # an edit this many lines or more from the previous one is a jump (typing stays on a line)
 COMPLETION_TRIGGERS = [".", "(", "[", ",", " "]
 _WORD_BEFORE = re.compile(r"[A-Za-z0-9_$]*$")
 
@@ -205,7 +208,20 @@ class LocalcoderServer(FramedServer, LanguageServer):
                                       if m in sys.modules)
         if self.client is not None:
             out.update(self.client.counters())
+            cs = getattr(self.client, "stats", None)
+            if cs is not None and hasattr(cs, "prefills"):
+                out.update(prefills=cs.prefills, prefills_cancelled=cs.prefills_cancelled)
         return out
+
+    def prefetch(self, doc: Document, offset: int) -> None:
+        """Warm the engine's cache for a completion at ``offset`` at the lowest priority: any real request
+        preempts it and keeps what was already evaluated (the same prompt up to the cursor)."""
+        if self.client is None or getattr(self.client, "ready", True) is False:
+            return  # nothing loaded yet: a prefetch never starts a model load
+        try:
+            self.client.prefill(self.infill_request(doc, offset), key=doc.uri)
+        except Exception as exc:  # a warm-up that cannot run costs nothing
+            log.debug("prefetch of %s skipped: %s", doc.uri, exc)
 
 
 # ---- features ------------------------------------------------------------------------------------
@@ -239,11 +255,40 @@ def on_change(ls: LocalcoderServer, params: types.DidChangeTextDocumentParams) -
         log.warning("didChange for unknown document %s ignored", uri)
         return
     try:
+        doc = ls.documents.get(uri)
+        last = doc.edits[-1] if doc.edits else None
         ls.documents.change(uri, params.content_changes, params.text_document.version)
     except InvalidRequest as exc:  # a notification cannot be answered: tell the user, keep the document
         version = ls.documents.get(uri).version
         ls.protocol.warn_user(f"ignored a textDocument/didChange of {uri}: {exc.message}; the document is "
                               f"unchanged (version {version})")
+        return
+    if not doc.edits or doc.edits[-1] is last:
+        return  # no change
+    new, prev = doc.edits[-1], (doc.edits[-2] if len(doc.edits) > 1 else None)
+    whole = new.start == 0 and new.end == len(doc.text)  # a full-text sync says nothing about the cursor
+    if not whole and _jumped(doc, prev, new):
+        ls.prefetch(doc, new.end)  # the first keystroke somewhere new: warm the cache while the debounce runs
+
+
+def _jumped(doc: Document, prev, new) -> bool:
+    """Is the edit ``new`` somewhere else than the previous one (not the next keystroke near it)?"""
+    if prev is None:
+        return True
+    line = doc.text.count("\n", 0, new.start)
+    return abs(line - doc.text.count("\n", 0, min(prev.end, len(doc.text)))) >= JUMP_LINES
+
+
+def on_prefetch(ls: LocalcoderServer, params: Any) -> None:
+    """``localcoder/prefetch``: the editor says where the cursor is now (it moved there without typing)."""
+    try:
+        doc = ls.documents.get(_field(_field(params, "textDocument"), "uri"))
+        pos = _field(params, "position")
+        offset = doc.offset_at(types.Position(int(_field(pos, "line")), int(_field(pos, "character"))))
+    except (InvalidRequest, TypeError, ValueError, AttributeError) as exc:  # a notification: log, never fail
+        log.debug("localcoder/prefetch ignored: %s", exc)
+        return
+    ls.prefetch(doc, offset)
 
 
 def on_close(ls: LocalcoderServer, params: types.DidCloseTextDocumentParams) -> None:
@@ -442,6 +487,7 @@ def create_server(config: Config | None = None) -> LocalcoderServer:
         (ACCEPTED_NOTIFICATION, on_accepted, None),
         (REJECTED_NOTIFICATION, on_rejected, None),
         (STATS_REQUEST, on_stats, None),
+        (PREFETCH_NOTIFICATION, on_prefetch, None),
         (types.SHUTDOWN, on_shutdown, None),
     ]
     for method, handler, options in features:

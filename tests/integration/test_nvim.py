@@ -59,3 +59,19 @@ def test_accept_a_word_then_the_rest_and_dismiss(editor: Editor):
     editor.wait_for(lambda: editor.screen().count("return a + b") == before, 10, "the ghost text to go")
     assert editor.saved().endswith("def sub(a, b):\n    \n")
     assert editor.stats()["rejected"] >= 1
+
+
+def test_the_cursor_landing_somewhere_new_prefetches_on_the_server(editor: Editor):
+    editor.start("add.py")
+    editor.send("i")
+    editor.type("def add(a, b):\n    ")
+    editor.wait_screen(GHOST)
+    editor.send("Escape")
+
+    def warmed() -> int:
+        s = editor.stats()
+        return s.get("prefills", 0) + s.get("prefills_cancelled", 0)
+
+    before = warmed()
+    editor.ex("lua require('localcoder').prefetch()")  # what BufEnter / CursorHold run
+    editor.wait_for(lambda: warmed() > before, 15, "a prefetch on the server")

@@ -29,7 +29,7 @@ def test_extension_compiles_and_speaks_the_protocol():
     run = subprocess.run(["node", "test/protocol.test.js"], cwd=EXT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert "ok 11 checks" in run.stdout
+    assert "ok 12 checks" in run.stdout
 
 
 def test_extension_packages_as_vsix(tmp_path):

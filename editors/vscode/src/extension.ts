@@ -9,7 +9,16 @@ import {
   State,
   TransportKind,
 } from "vscode-languageclient/node";
-import { Judge, Methods, completionId, didChangeConfiguration, generateDocstringParams, serverArgs, serverSettings } from "./protocol";
+import {
+  Judge,
+  Methods,
+  Prefetcher,
+  completionId,
+  didChangeConfiguration,
+  generateDocstringParams,
+  serverArgs,
+  serverSettings,
+} from "./protocol";
 
 const SECTION = "localcoder";
 
@@ -19,6 +28,7 @@ class Extension {
   private client: LanguageClient | undefined;
   private readonly status = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
   private readonly judge = new Judge((method, params) => void this.client?.sendNotification(method, params));
+  private readonly prefetcher = new Prefetcher((method, params) => void this.client?.sendNotification(method, params));
   private inflight = 0;
 
   constructor(private readonly context: vscode.ExtensionContext) {
@@ -143,6 +153,13 @@ class Extension {
     }
   }
 
+  /** The cursor moved (or another editor became active): maybe a jump worth a prefetch on the server. */
+  cursorMoved(editor: vscode.TextEditor | undefined): void {
+    if (!editor || !this.client || !this.enabled || editor.document.uri.scheme !== "file") return;
+    const p = editor.selection.active;
+    this.prefetcher.moved(editor.document.uri.toString(), p.line, p.character);
+  }
+
   async showStats(): Promise<void> {
     if (!this.client) return;
     const s = await this.client.sendRequest<Record<string, unknown>>(Methods.stats, {});
@@ -165,6 +182,8 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("localcoder.showStats", () => ext.showStats()),
     vscode.commands.registerCommand("localcoder.restart", () => ext.restart()),
     vscode.workspace.onDidChangeConfiguration((e) => ext.onConfigurationChanged(e)),
+    vscode.window.onDidChangeTextEditorSelection((e) => ext.cursorMoved(e.textEditor)),
+    vscode.window.onDidChangeActiveTextEditor((editor) => ext.cursorMoved(editor)),
   );
   await ext.start();
 }

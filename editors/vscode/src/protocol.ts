@@ -41,6 +41,7 @@ export const Methods = {
   accepted: "localcoder/accepted",
   rejected: "localcoder/rejected",
   stats: "localcoder/stats",
+  prefetch: "localcoder/prefetch",
   acceptedCommand: "localcoder.accepted",
   docstringCommand: "localcoder.generateDocstring",
 } as const;
@@ -85,5 +86,40 @@ export class Judge {
     const id = this.shown;
     this.shown = undefined;
     if (id !== undefined && !this.accepted.has(id)) this.notify(Methods.rejected, { id });
+  }
+}
+
+/** A cursor this many lines or more from the last place it rested has jumped (typing stays on a line). */
+export const JUMP_LINES = 2;
+
+export function prefetchParams(uri: string, line: number, character: number) {
+  return { textDocument: { uri }, position: { line, character } };
+}
+
+/**
+ * Sends `localcoder/prefetch` when the cursor lands somewhere new (another document, or JUMP_LINES or
+ * more away from where it last rested) and stays there for `delayMs`: the server prefills a completion
+ * there at the lowest priority, so the first keystroke after a jump finds its cache warm.
+ */
+export class Prefetcher {
+  private last: { uri: string; line: number } | undefined;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(private notify: (method: string, params: unknown) => void, private delayMs = 250) {}
+
+  moved(uri: string, line: number, character: number): void {
+    const last = this.last;
+    if (last && last.uri === uri && Math.abs(last.line - line) < JUMP_LINES) return;
+    this.last = { uri, line };
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      this.notify(Methods.prefetch, prefetchParams(uri, line, character));
+    }, this.delayMs);
+  }
+
+  dispose(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
   }
 }

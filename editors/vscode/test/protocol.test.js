@@ -105,6 +105,19 @@ async function main() {
   const outcome = await cancelled.then((r) => ({ r }), (e) => ({ e }));
   check(outcome.e ? outcome.e.code === -32800 : outcome.r.items.length <= 1, "cancelled request answered");
 
+  // the cursor jumps far away and rests: the extension's Prefetcher tells the server, which prefills there
+  const prefetcher = new proto.Prefetcher((m, p) => conn.sendNotification(m, p), 10);
+  const warm = (s) => (s.prefills || 0) + (s.prefills_cancelled || 0);
+  const before = warm(await conn.sendRequest(proto.Methods.stats, {}));
+  prefetcher.moved(uri, 0, 0);
+  prefetcher.moved(uri, 0, 3); // the same line: no second prefetch
+  let warmed = {};
+  for (let i = 0; i < 100 && !(warm(warmed) > before); i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    warmed = await conn.sendRequest(proto.Methods.stats, {});
+  }
+  check(warm(warmed) === before + 1, `one prefetch reached the server: ${before} -> ${JSON.stringify(warmed)}`);
+
   const stats = await conn.sendRequest(proto.Methods.stats, {});
   check(stats.accepted === 1 && stats.rejected === 1, `accept/reject counted: ${JSON.stringify(stats)}`);
   check(stats.heavy_modules.indexOf("torch") < 0, "no torch in the LSP process");

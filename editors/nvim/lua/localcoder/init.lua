@@ -19,6 +19,7 @@ M.defaults = {
   init_options = {},
   native = "auto", -- "auto": vim.lsp.inline_completion when available; false: always extmarks
   auto_trigger = true,
+  prefetch = true, -- tell the server where the cursor lands (buffer switch, pause after moving): it warms its cache
   debounce_ms = 60, -- client-side debounce of the extmark path (the server debounces too)
   keymaps = {
     accept = "<Tab>",
@@ -198,6 +199,18 @@ function M.request(bufnr, kind)
   pending[bufnr] = id
 end
 
+--- Tell the server where the cursor is now (`localcoder/prefetch`): it prefills a completion there at
+--- the lowest priority, so the first keystroke after a jump or a buffer switch finds its cache warm.
+function M.prefetch(bufnr)
+  bufnr = (bufnr == nil or bufnr == 0) and api.nvim_get_current_buf() or bufnr
+  local client = get_client(bufnr)
+  if not client or not enabled or not config.prefetch or api.nvim_get_current_buf() ~= bufnr then
+    return
+  end
+  local params = vim.lsp.util.make_position_params(0, client.offset_encoding)
+  notify(client, "localcoder/prefetch", { textDocument = params.textDocument, position = params.position })
+end
+
 local function schedule_request(bufnr)
   local t = timers[bufnr]
   if t then
@@ -356,8 +369,20 @@ local function watch_buffer(bufnr)
   })
 end
 
+local function watch_cursor(bufnr)
+  local group = api.nvim_create_augroup("localcoder_cursor_" .. bufnr, { clear = true })
+  api.nvim_create_autocmd({ "BufEnter", "CursorHold" }, {
+    group = group,
+    buffer = bufnr,
+    callback = function()
+      M.prefetch(bufnr)
+    end,
+  })
+end
+
 local function on_attach(client, bufnr)
   map_keys(bufnr)
+  watch_cursor(bufnr)
   if native_available() then
     vim.lsp.inline_completion.enable(enabled, { bufnr = bufnr })
   else
