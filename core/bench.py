@@ -64,6 +64,8 @@ class BenchConfig:
     # same interleaved run, e.g. "--adapter off" (plain PSM); "" = none
     editor_baseline: str = ""
     editor_lsp: bool = True  # the editor replay also types through `localcoder lsp` (default config, stdio)
+    editor_jumps: int = 4  # vim:after-jump: cursor jumps, each a warm-up, a rest and one keystroke (0 = skip)
+    editor_jump_pause_s: float = 5.0  # how long the user rests after a jump before typing
 
 
 @dataclass
@@ -361,7 +363,7 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
     binary = None if cfg.llama_server == "off" else (cfg.llama_server or ed.find_llama_server())
     workloads = ed.editor_workloads(cfg.typing_file or str(default_typing_file()),
                                     cfg.editor_file_b or str(Path(os.__file__).parent / "shlex.py"),
-                                    cfg.editor_chars, cfg.max_tokens)
+                                    cfg.editor_chars, cfg.max_tokens, cfg.editor_jumps)
     n = sum(len(r) for r in workloads.values()) * (1 + bool(binary) + bool(cfg.editor_baseline) + cfg.editor_lsp)
     bar = tqdm(total=n, desc="editor replay", unit="req", file=sys.stderr, disable=not progress)
     with ExitStack() as stack:
@@ -386,7 +388,7 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
             url = stack.enter_context(serving(ed.llama_server_cmd(binary, cfg.model, port, cfg.threads),
                                               f"http://127.0.0.1:{port}", "/health"))
             targets.append(ed.InfillTarget("llama-server", url))
-        results = ed.run_replay(targets, workloads, bar.update)
+        results = ed.run_replay(targets, workloads, bar.update, cfg.editor_jump_pause_s)
     bar.close()
     return results
 
@@ -431,9 +433,12 @@ def report(cfg: BenchConfig, results: list[WorkloadResult], bound: dict[str, Any
             ours, peer = by_target["localcoder"], by_target[peer_name]
             ratios[workload] = {"peer": peer_name,
                                 **{k: round(ours[k] / peer[k], 3) if peer[k] else None for k in ("p50_ms", "p95_ms")}}
+    # the first completion after a jump (warm-up, rest, one keystroke) against a warm keystroke mid-file
+    jump = {t: round(s["p50_ms"] / rows["vim:mid-file"][t]["p50_ms"], 3)
+            for t, s in rows.get("vim:after-jump", {}).items() if rows.get("vim:mid-file", {}).get(t, {}).get("p50_ms")}
     return {
         "config": asdict(cfg), "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
-        "bound": bound, "results": rows, "ratios_localcoder_over_peer": ratios,
+        "bound": bound, "results": rows, "ratios_localcoder_over_peer": ratios, "after_jump_over_mid_file_p50": jump,
         "samples": {f"{r.target}/{r.workload}": [asdict(s) for s in r.samples] for r in results},
     }
 
@@ -454,6 +459,10 @@ def markdown(report_: dict[str, Any]) -> str:
         lines += ["", f"Physical bound: read bandwidth {b['read_bandwidth_gbs']} GB/s ({b['threads']} threads) ÷ "
                   f"{bt['total'] / 1e6:.0f} MB read per token (output head {bt['output_head'] / 1e6:.0f} MB, "
                   f"{b['output_head_share']:.0%}) = **{b['decode_tok_per_s_bound']} tok/s** decode at most."]
+    if report_.get("after_jump_over_mid_file_p50"):
+        lines += ["", "First completion after a jump (warm-up, " f"{report_['config']['editor_jump_pause_s']:g} s rest, "
+                  "one keystroke) over a warm mid-file keystroke, p50: " + ", ".join(
+                      f"{t} {r:.2f}×" for t, r in report_["after_jump_over_mid_file_p50"].items())]
     lines.append("")
     lines.append("Typing and editor-replay (vim:*) latency = debounce "
                  f"({report_['config']['debounce_ms']} ms) + request latency; cold = request latency.")

@@ -43,6 +43,7 @@ def vim_template(name: str) -> dict:
 class VimRequest:
     body: dict
     file: str
+    warm: dict | None = None  # a jump: this warm-up (n_predict 0 at the new place) first, then a pause
 
 
 def vim_body(lines: list[str], row: int, col: int, extra: list[dict], max_tokens: int) -> dict:
@@ -85,6 +86,28 @@ def typing_requests(text: str, name: str, chars: int, at_end: bool, extra: list[
     return out
 
 
+JUMP_FRACTIONS = (0.8, 0.25, 0.6, 0.4, 0.9, 0.15)  # where the cursor lands, as fractions of the file
+
+
+def jump_requests(text: str, name: str, jumps: int, extra: list[dict], max_tokens: int) -> list[VimRequest]:
+    """The cursor jumps to ``jumps`` places spread over the file, opens a fresh line there and rests (the
+    client's warm-up: the same body with ``n_predict: 0``), then types one character: the first
+    completion after a jump. The file is restored between jumps."""
+    lines = text.splitlines(keepends=True)
+    out = []
+    for f in JUMP_FRACTIONS[:jumps]:
+        row = max(1, min(len(lines) - 1, int(len(lines) * f)))
+        body_line = lines[row]
+        indent = body_line[: len(body_line) - len(body_line.lstrip(" \t"))]
+        first = (body_line.strip() or "x")[0]
+        opened = lines[:row] + [indent + "\n"] + lines[row:]
+        warm = vim_body(opened, row, len(indent), extra, max_tokens)
+        warm["n_predict"] = 0
+        typed = lines[:row] + [indent + first + "\n"] + lines[row:]
+        out.append(VimRequest(vim_body(typed, row, len(indent) + 1, extra, max_tokens), name, warm=warm))
+    return out
+
+
 def alternate(a: list[VimRequest], b: list[VimRequest]) -> list[VimRequest]:
     out = []
     for x, y in zip(a, b):
@@ -117,6 +140,11 @@ class InfillTarget:
         predicted = int(d.get("timings/predicted_n", d.get("timings", {}).get("predicted_n", 0)) or 0)
         decode = d.get("timings/predicted_ms", d.get("timings", {}).get("predicted_ms"))
         return Sample(ms, evaluated + cached, cached, predicted, str(d.get("content", "")), decode or None)
+
+    def warm(self, body: dict, file: str = "") -> None:
+        """The warm-up at a new cursor position (llama-server answers after its prefill, localcoder at once
+        and prefills in the background)."""
+        self.client.post("/infill", json={**body, "n_predict": 0, "stream": False}).raise_for_status()
 
 
 def llama_server_built() -> Path:
@@ -212,12 +240,24 @@ class LspTarget:
     def send(self, body: dict, file: str = "buffer.py") -> Sample:
         if body.get("n_predict") == 0:  # llama.vim's warm-up: an LSP client sends nothing like it
             return Sample(0.0, 0, 0, 0, "")
+        t0 = time.perf_counter()
+        uri, position = self._sync(body, file)
+        res = self.call("textDocument/inlineCompletion", {"textDocument": {"uri": uri}, "position": position,
+                                                          "context": {"triggerKind": 1}})
+        ms = (time.perf_counter() - t0) * 1000
+        items = (res or {}).get("items", []) if isinstance(res, dict) else (res or [])
+        return Sample(ms, 0, 0, 0, str(items[0].get("insertText", "")) if items else "")
+
+    def warm(self, body: dict, file: str = "buffer.py") -> None:
+        """The cursor rests at a new place: the editor plugins' ``localcoder/prefetch``."""
+        uri, position = self._sync(body, file)
+        self.notify("localcoder/prefetch", {"textDocument": {"uri": uri}, "position": position})
+
+    def _sync(self, body: dict, file: str) -> tuple[str, dict]:
+        """Open or update the buffer to the body's text; the cursor's URI and LSP position."""
         uri = "file:///bench/" + file
         before = body["input_prefix"] + body.get("prompt", "")
         text = before + body["input_suffix"]
-        line = before.count("\n")
-        character = len(before[before.rfind("\n") + 1:].encode("utf-16-le")) // 2
-        t0 = time.perf_counter()
         if uri not in self._versions:
             self._versions[uri] = 1
             self.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
@@ -226,12 +266,8 @@ class LspTarget:
             self._versions[uri] += 1
             self.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": self._versions[uri]},
                                                    "contentChanges": [{"text": text}]})
-        res = self.call("textDocument/inlineCompletion", {
-            "textDocument": {"uri": uri}, "position": {"line": line, "character": character},
-            "context": {"triggerKind": 1}})
-        ms = (time.perf_counter() - t0) * 1000
-        items = (res or {}).get("items", []) if isinstance(res, dict) else (res or [])
-        return Sample(ms, 0, 0, 0, str(items[0].get("insertText", "")) if items else "")
+        character = len(before[before.rfind("\n") + 1:].encode("utf-16-le")) // 2
+        return uri, {"line": before.count("\n"), "character": character}
 
     def close(self) -> None:
         try:
@@ -245,10 +281,12 @@ class LspTarget:
 # ---- the replay ----------------------------------------------------------------------------------
 
 
-def editor_workloads(file_a: str, file_b: str, chars: int, max_tokens: int) -> dict[str, list[VimRequest]]:
+def editor_workloads(file_a: str, file_b: str, chars: int, max_tokens: int, jumps: int = 0
+                     ) -> dict[str, list[VimRequest]]:
     a, b = Path(file_a).read_text(encoding="utf-8"), Path(file_b).read_text(encoding="utf-8")
     na, nb = Path(file_a).name, Path(file_b).name
-    return {
+    jump = {"vim:after-jump": jump_requests(a, na, jumps, extra_chunk(b, nb), max_tokens)} if jumps else {}
+    return {**jump,
         "vim:mid-file": typing_requests(a, na, chars, False, extra_chunk(b, nb), max_tokens),
         "vim:end-of-file": typing_requests(b, nb, chars, True, extra_chunk(a, na), max_tokens),
         "vim:two-files": alternate(typing_requests(a, na, chars // 2, False, extra_chunk(b, nb), max_tokens),
@@ -257,16 +295,20 @@ def editor_workloads(file_a: str, file_b: str, chars: int, max_tokens: int) -> d
 
 
 def run_replay(targets: list[InfillTarget | LspTarget], workloads: dict[str, list[VimRequest]],
-               tick: Callable[[], None]) -> list[WorkloadResult]:
+               tick: Callable[[], None], pause_s: float = 5.0) -> list[WorkloadResult]:
     """Each request goes to every target in turn (separate server processes, so one target's
-    requests never touch the other's cache); a buffer switch first sends llama.vim's warm-up."""
+    requests never touch the other's cache); a buffer switch first sends llama.vim's warm-up; a jump
+    sends its warm-up, then the user rests ``pause_s`` before the measured keystroke."""
     results = []
     for workload, requests in workloads.items():
         by_target = {t.name: WorkloadResult(t.name, workload) for t in targets}
         previous = None
         for req in requests:
             for target in targets:
-                if previous is not None and req.file != previous:
+                if req.warm is not None:
+                    target.warm(req.warm, req.file)
+                    time.sleep(pause_s)
+                elif previous is not None and req.file != previous:
                     target.send(warmup_body(req.body["input_extra"]))
                 by_target[target.name].samples.append(target.send(req.body, req.file))
                 tick()

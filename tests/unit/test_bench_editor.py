@@ -55,3 +55,50 @@ def test_the_lsp_target_types_through_a_real_language_server(monkeypatch, tmp_pa
     finally:
         lsp.close()
     assert lsp.proc.poll() is not None
+
+
+def test_jumps_land_far_apart_warm_up_there_then_type_one_character():
+    from localcoder.bench_editor import jump_requests
+
+    jumps = jump_requests(TEXT, "a.py", 4, [], 8)
+    rows = [j.body["input_prefix"].count("\n") for j in jumps]
+    assert len(jumps) == 4 and min(abs(a - b) for a, b in zip(rows, rows[1:])) > 50
+    for j in jumps:
+        assert j.warm["n_predict"] == 0 and j.body["n_predict"] == 8
+        assert j.warm["input_prefix"] == j.body["input_prefix"]  # the same place
+        assert j.warm["prompt"] == "" and len(j.body["prompt"]) == 1  # ... then one character typed
+        assert j.body["input_suffix"].startswith("\nline_")  # typed on a fresh line above the rest
+
+
+def test_lsp_and_http_targets_warm_up_at_a_jump(monkeypatch, tmp_path):
+    """The jump replay with real servers (fake engine): localcoder serve gets the n_predict 0 warm-up,
+    the LSP the prefetch notification; both then answer the keystroke."""
+    import sys
+
+    from localcoder.bench import serving
+    from localcoder.bench_editor import InfillTarget, LspTarget, jump_requests, run_replay
+    from conftest import free_port
+
+    monkeypatch.setenv("LOCALCODER_FAKE_COMPLETION", "return 1")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    port = free_port()
+    cmd = [sys.executable, "-m", "localcoder.cli", "serve", "--engine", "fake", "--model", "fake", "--port", str(port)]
+    with serving(cmd, f"http://127.0.0.1:{port}", "/health") as url:
+        lsp = LspTarget("lsp", [sys.executable, "-m", "localcoder.cli", "lsp", "--engine", "fake", "--model", "fake"],
+                        timeout_s=60)
+        try:
+            http = InfillTarget("localcoder", url)
+            results = run_replay([http, lsp], {"vim:after-jump": jump_requests(TEXT, "a.py", 2, [], 8)}, lambda: None,
+                                 pause_s=0.2)
+            stats = lsp.call("localcoder/stats", {})
+            health = http.client.get("/metrics").text
+        finally:
+            lsp.close()
+    assert [len(r.samples) for r in results] == [2, 2]
+    assert all(s.text == "return 1" for r in results for s in r.samples)
+    assert stats["prefills"] + stats["prefills_cancelled"] == 2  # one prefetch per jump
+    import re
+
+    warmed = sum(float(v) for v in re.findall(r"^localcoder_background_prefills(?:_cancelled)?_total(?:\{[^}]*\})? (\S+)$",
+                                              health, re.M))
+    assert warmed == 2, health  # and one n_predict 0 warm-up per jump on the HTTP server
