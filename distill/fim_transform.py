@@ -31,7 +31,7 @@ from localcoder.distill.data import SourceFile
 from localcoder.errors import InputFileError, InvalidRequest
 from localcoder.fim.formats import FimFormat
 
-SPAN_KINDS = ("char", "line", "block")
+SPAN_KINDS = ("char", "line", "block", "cursor")
 CHARS_PER_TOKEN = 3.2  # code with a BPE vocabulary; only sizes the chunks (exact lengths are trimmed)
 CACHE_VERSION = 2
 
@@ -67,7 +67,9 @@ def split_span(text: str, kind: str, rng: random.Random, max_block_lines: int = 
     """(prefix, middle, suffix) with prefix + middle + suffix == text.
 
     char: two uniform cut points (Bavarian et al. 2022); line: one whole non-blank line;
-    block: a line plus the following lines indented deeper than it (its body), up to max_block_lines.
+    block: a line plus the following lines indented deeper than it (its body), up to max_block_lines;
+    cursor: where people pause while typing, inside a line after its indentation; the middle is the
+    rest of that line (without its newline) or, one time in three, up to three more lines.
     """
     if kind == "char":
         a, b = sorted((rng.randrange(len(text) + 1), rng.randrange(len(text) + 1)))
@@ -77,6 +79,13 @@ def split_span(text: str, kind: str, rng: random.Random, max_block_lines: int = 
     if not candidates:
         return split_span(text, "char", rng)
     i = candidates[rng.randrange(len(candidates))]
+    start = sum(len(line) for line in lines[:i])
+    if kind == "cursor":
+        body = lines[i].rstrip("\r\n")
+        cut = start + rng.randrange(_indent(body), len(body))
+        last = min(len(lines), i + 1 + (rng.randrange(1, 4) if rng.random() < 1 / 3 else 0))
+        stop = start + len(body) if last == i + 1 else sum(len(line) for line in lines[:last])
+        return text[:cut], text[cut:stop], text[stop:]
     end = i + 1
     if kind == "block":
         base = _indent(lines[i])
@@ -87,7 +96,6 @@ def split_span(text: str, kind: str, rng: random.Random, max_block_lines: int = 
             end -= 1
     elif kind != "line":
         raise InvalidRequest(f"unknown span kind {kind!r}", param="span_kinds")
-    start = sum(len(line) for line in lines[:i])
     stop = start + sum(len(line) for line in lines[i:end])
     return text[:start], text[start:stop], text[stop:]
 

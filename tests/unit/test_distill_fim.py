@@ -50,6 +50,10 @@ def test_span_round_trip(kind):
             assert mid.count("\n") == 1 and mid.strip() and (pre == "" or pre.endswith("\n"))
         if kind == "block":
             assert mid.strip() and (pre == "" or pre.endswith("\n")) and (mid.endswith("\n") or not suf)
+        if kind == "cursor":  # inside a non-blank line: the rest of it (and maybe a few lines) is the middle
+            first = mid.split("\n", 1)[0]
+            assert first and (pre.rsplit("\n", 1)[-1] + first).strip()
+            assert not suf or suf.startswith("\n") or mid.endswith("\n")
 
 
 def test_block_span_takes_the_indented_body():
