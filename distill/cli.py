@@ -27,6 +27,7 @@ _HELP = {
     "teacher_mode": "cached (top-k logits on disk, reused) | online",
     "fim_order": "student FIM order: psm | spm (cache-friendly)",
     "loss_positions": "all | middle",
+    "autocast": "bf16 autocast of the forwards: auto (CUDA, and CPUs with AVX512-BF16/AMX) | bf16 | off",
 }
 
 

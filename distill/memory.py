@@ -63,3 +63,25 @@ def check_fits(cfg: DistillConfig, teacher, student, *, world: int, sharded: boo
     # on CPU every local rank shares this host's memory; on CUDA each has its own device
     check_memory(cfg, need * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1), device)
     return need
+
+
+def native_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX-BF16)? Elsewhere bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def autocast_dtype(setting: str, device: str) -> torch.dtype | None:
+    """The dtype of ``torch.autocast`` for ``DistillConfig.autocast`` on ``device`` (None: fp32)."""
+    if setting == "off":
+        return None
+    if setting == "bf16" or device == "cuda" or native_bf16():
+        return torch.bfloat16
+    return None

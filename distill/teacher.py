@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -55,7 +56,8 @@ class TopKCache:
 
     @torch.inference_mode()
     def fill(self, teacher, teacher_ids: np.ndarray, rows: Sequence[int], *, batch_size: int = 4,
-             progress: bool = True, desc: str = "teacher top-k", lockstep: bool = False, write: bool = True) -> int:
+             progress: bool = True, desc: str = "teacher top-k", lockstep: bool = False, write: bool = True,
+             autocast=contextlib.nullcontext) -> int:
         """Run the teacher over the rows not yet stored; returns how many rows were computed.
         ``lockstep`` (a sharded FSDP teacher: every rank must run the same forwards): ``rows`` is the agreed
         to-do list, computed as given; only the ranks with ``write`` store the results."""
@@ -67,7 +69,8 @@ class TopKCache:
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i: i + batch_size]
                 ids = torch.as_tensor(teacher_ids[chunk], device=device).long()  # (b, L)
-                logits = teacher(input_ids=ids, use_cache=False).logits.float()  # (b, L, V)
+                with autocast():
+                    logits = teacher(input_ids=ids, use_cache=False).logits.float()  # (b, L, V)
                 if not write:  # a lockstep rank: its forward is needed for the shard gathers, not its output
                     bar.update(len(chunk))
                     continue

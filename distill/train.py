@@ -37,7 +37,7 @@ from localcoder.distill.dedup import dedup
 from localcoder.distill.distributed import Dist, init_distributed, is_fsdp, shard_fsdp
 from localcoder.distill.fim_transform import FimSpec, Packed, build_split, tokenizer_hash
 from localcoder.distill.lora import with_lora
-from localcoder.distill.memory import check_fits, check_memory, estimate_memory_gb
+from localcoder.distill.memory import autocast_dtype, check_fits, check_memory, estimate_memory_gb
 from localcoder.distill.teacher import TopKCache, cache_dir_for, online_logits, onpolicy_rows
 from localcoder.errors import InvalidRequest
 
@@ -317,7 +317,7 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
                                                           if dist.world > 1 else ""), dist)
     run = Run(cfg, out, dist, device, tok, fmt, data, student, distributed.wrap_ddp(student, dist, device), teacher,
               make_optimizer(cfg, student), teacher_name=tname,
-              autocast_dtype=torch.bfloat16 if device == "cuda" else None,
+              autocast_dtype=autocast_dtype(cfg.autocast, device),
               val_rows=data.val.rows(slice(0, min(cfg.val_rows, len(data.val)))))
 
     # 2. teacher targets for every row this schedule will read (+ validation rows)
@@ -387,7 +387,7 @@ def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool):
     Returns (train cache | None, val cache)."""
     cfg, data, dist, teacher = run.cfg, run.data, run.dist, run.teacher
     key = (f"{data.fingerprint}-{tokenizer_hash(run.tok)}-{cfg.seq_len}-{cfg.fim_rate}-{cfg.fim_order}-"
-           f"{cfg.teacher_order}-s{cfg.seed}-n{len(data.train)}")
+           f"{cfg.teacher_order}-s{cfg.seed}-n{len(data.train)}" + ("-bf16" if run.autocast_dtype else ""))
     base = cache_dir_for(cache_dir, run.teacher_name, key, cfg.top_k)
     n_val = min(cfg.val_rows, len(data.val))
     if not dist.main:
@@ -405,7 +405,7 @@ def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool):
         torch.distributed.broadcast_object_list(todo, 0)
         return todo[0]
 
-    kw = dict(lockstep=lockstep, write=dist.main or not lockstep)
+    kw = dict(lockstep=lockstep, write=dist.main or not lockstep, autocast=run.autocast)
     val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
     if train_cache is not None:
         n = len(data.train)

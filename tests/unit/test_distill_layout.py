@@ -21,7 +21,8 @@ def test_the_layout_preset_is_the_teacher_teaching_itself_spm_with_lora():
     cfg = load("layout", None, {"teacher": "qwen2.5-coder-1.5b"})
     assert cfg.student == "qwen2.5-coder-1.5b"  # "teacher": the teacher itself at full depth
     assert (cfg.lora_rank, cfg.fim_order, cfg.teacher_order, cfg.fim_rate) == (16, "spm", "psm", 1.0)
-    assert "char" in cfg.span_kinds  # cuts inside lines, as people pause while typing
+    assert "cursor" in cfg.span_kinds and "char" in cfg.span_kinds  # cuts inside lines, as people pause while typing
+    assert cfg.seq_len >= 1024  # rows as long as served prompts (256-token rows failed on long prefixes)
     assert load("layout", None, {"student": "other"}).student == "other"  # an explicit student wins
 
 
@@ -74,3 +75,16 @@ def test_export_refuses_what_has_no_adapter(tmp_path):
         export_adapter(load("laptop"), tmp_path)  # not a LoRA run
     with pytest.raises(ModelCorrupt):
         export_adapter(load("layout"), tmp_path)  # no checkpoint yet
+
+
+def test_autocast_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch):
+    from localcoder.distill import memory
+
+    assert memory.autocast_dtype("off", "cuda") is None and memory.autocast_dtype("bf16", "cpu") is torch.bfloat16
+    assert memory.autocast_dtype("auto", "cuda") is torch.bfloat16
+    monkeypatch.setattr(memory, "native_bf16", lambda: False)
+    assert memory.autocast_dtype("auto", "cpu") is None  # emulated bf16 would be slower than fp32
+    monkeypatch.setattr(memory, "native_bf16", lambda: True)
+    assert memory.autocast_dtype("auto", "cpu") is torch.bfloat16
+    with pytest.raises(InvalidRequest):
+        load("layout", None, {"autocast": "fp8"})
