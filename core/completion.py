@@ -188,12 +188,15 @@ class Completer:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, shown, stop_type = "", "", "limit"
         t_decode: float | None = None
+        settled = False  # the repeated-indentation check is decided (StopRules.drop_repeated_indent)
         try:
             for token in stream:
                 t_decode = t_decode or time.perf_counter()
                 data = tok.token_bytes(token)
                 data, skip = data[skip:], max(0, skip - len(data))
                 text += decoder.decode(data)
+                if not settled:
+                    text, settled = rules.drop_repeated_indent(text)
                 hit = rules.check(text)
                 if hit is not None:
                     text, stop_type = text[: hit[0]], hit[1]

@@ -72,6 +72,23 @@ class StopRules:
         self.next_line = next((line.strip() for line in below if line.strip()), "")
         self.opener = bool(self.before.strip()) and self.before.rstrip().endswith(BLOCK_OPENER_ENDINGS)
         self.stop_words = tuple(w for w in self.stop_words if w)
+        # the cursor sits after the indentation of its line (nothing else typed): a middle that starts
+        # with that same indentation again would indent the line twice (see drop_repeated_indent)
+        self.repeated_indent = self.before if self.before and not self.before.strip(" \t") else ""
+
+    def drop_repeated_indent(self, text: str) -> tuple[str, bool]:
+        """(text, settled): the generated text without a repeat of the cursor line's indentation at its
+        start, and whether that is decided (False while the text is still only a prefix of it). Models
+        taught an append-only layout write the line's indentation again (the 1,024-token layout adapter
+        did so on HumanEval typing cases: 35 of the 200 that plain PSM passed failed with it)."""
+        ind = self.repeated_indent
+        if not ind:
+            return text, True
+        if ind.startswith(text):
+            return text, False
+        if text.startswith(ind):
+            return text[len(ind):], True
+        return text, True
 
     # ---- deciding where to stop ---------------------------------------------------------------
     def check(self, text: str, final: bool = False) -> tuple[int, str] | None:

@@ -77,3 +77,26 @@ def test_single_line_that_only_repeats_the_next_line_is_dropped():
     assert r.check("    return x\n") == (0, "suffix")
     assert r.check("    return x", final=True) == (0, "suffix")
     assert r.check("    y = x\n") == (9, "line")
+
+
+def test_a_repeat_of_the_cursor_lines_indentation_is_dropped_once():
+    r = StopRules("single", "def f(xs):\n    for x in xs:\n        ", "\n    return xs\n")
+    assert r.drop_repeated_indent("    ") == ("    ", False)  # still only whitespace: undecided
+    assert r.drop_repeated_indent("        total += x") == ("total += x", True)
+    assert r.drop_repeated_indent("total += x") == ("total += x", True)
+    assert r.drop_repeated_indent("  x") == ("  x", True)  # other whitespace is the model's own
+    typed = StopRules("single", "    return ", "\n")  # text before the cursor: nothing to drop
+    assert typed.drop_repeated_indent("        x") == ("        x", True)
+
+
+def test_the_completer_inserts_a_re_indented_middle_once():
+    from localcoder.completion import Completer, InfillRequest
+    from localcoder.engines.fake import FakeEngine
+
+    prefix = "def f(xs):\n    for x in xs:\n        "
+    engine = FakeEngine(completion="        total += x\n")  # the model wrote the indentation again
+    out = Completer(engine, token_healing=False).complete(InfillRequest(prefix, "\n    return xs\n", mode="single"))
+    assert out.text == "total += x"
+    engine = FakeEngine(completion="total += x\n")
+    assert Completer(engine, token_healing=False).complete(
+        InfillRequest(prefix, "\n    return xs\n", mode="single")).text == "total += x"
