@@ -229,19 +229,29 @@ def tests_prompt_prefix(prefix: str, fn: FunctionAt) -> str:
 
 
 def parse_generated(texts: Sequence[str], name: str, limit: int, seen: set[str]) -> tuple[list[Test], dict[str, int]]:
-    """Assertions from generated continuations of ``assert name(`` (the first line continues it).
-    Returns the kept tests and counts of discarded ones (unparsable, duplicates)."""
+    """Assertions from generated continuations of ``assert name(`` (the first line continues it),
+    taken round-robin across the sequences (the first line of each, then the second...) so that the
+    kept ``limit`` come from as many samples as possible. Returns the kept tests and counts of
+    discarded ones (unparsable, duplicates)."""
     tests: list[Test] = []
     counts = {"unparsable": 0, "duplicates": 0}
     bad: set[str] = set()
+    per_text: list[list[str]] = []
     for text in texts:
-        lines = f"assert {name}({text}".split("\n")
-        for line in lines:
+        kept: list[str] = []
+        for line in f"assert {name}({text}".split("\n"):
             line = line.rstrip()
             if not line.strip():
                 continue
             if not line.startswith("assert"):
                 break
+            kept.append(line)
+        per_text.append(kept)
+    for row in range(max((len(k) for k in per_text), default=0)):
+        for kept in per_text:
+            if row >= len(kept):
+                continue
+            line = kept[row]
             if not _parses(line) or f"{name}(" not in line:
                 if line not in bad:  # the same broken line from several sequences counts once
                     bad.add(line)
@@ -381,13 +391,16 @@ def generate_tests(completer, req: InfillRequest, fn: FunctionAt, opts: CheckOpt
     if opts.tests <= 0 or prefix_def_indent(req.prefix, fn):
         return [], counts, Timings()
     engine = completer.engine
-    n = max(1, math.ceil(opts.tests / 3))
+    # M/2 sequences decoded together, each ending after its share of assertions plus one (some are
+    # discarded later): a batch of 4 x 3 short lines costs a fraction of 3 sequences x 8 lines
+    n = max(1, math.ceil(opts.tests / 2))
+    per = math.ceil(opts.tests / n) + 1
     texts = _Texts(engine.tokenizer, n)
 
     def stop(i: int, toks: list[int]) -> bool:
         lines = f"assert x({texts.update(i, toks)}".split("\n")[:-1]  # complete lines only
         body = [line for line in lines if line.strip()]
-        return any(not line.startswith("assert") for line in body) or len(body) >= opts.tests
+        return any(not line.startswith("assert") for line in body) or len(body) >= per
 
     ids = _prompt(completer, InfillRequest(tests_prompt_prefix(req.prefix, fn), "", mode="multi",
                                            max_tokens=opts.test_tokens, budget=req.budget))

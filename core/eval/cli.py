@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what to run (repeatable; default humaneval-single)")
     p.add_argument("--limit", type=int, help="sample N cases per suite (deterministic, --seed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", action="append", default=[], help="source directory/file for held-out cases")
+    p.add_argument("--data", action="extend", nargs="+", default=[], help="source directories/files for held-out cases (several, or repeated)")
     p.add_argument("--heldout-kinds", default="line", help="comma list of line,partial,block")
     p.add_argument("--no-exec", action="store_true", help="skip running tests (no pass@1)")
     p.add_argument("--cold", action="store_true", help="no KV reuse between cases (cold latency)")

@@ -34,9 +34,10 @@ def add(a, b):
 
 
 class ScriptedEngine(FakeEngine):
-    """Candidate ``seed % len(candidates)`` for a completion prompt; ``tests`` for the test-writing prompt."""
+    """Candidate ``seed % len(candidates)`` for a completion prompt; for the test-writing prompt
+    ``tests`` (or, given a list, its ``seed % len(tests)``-th sample)."""
 
-    def __init__(self, candidates: list[str], tests: str = "", delay_s: float = 0.0):
+    def __init__(self, candidates: list[str], tests: str | list[str] = "", delay_s: float = 0.0):
         super().__init__(completion="", token_delay_s=delay_s)
         self.candidates, self.tests = candidates, tests
         self.seeds: list[int] = []
@@ -44,7 +45,8 @@ class ScriptedEngine(FakeEngine):
     def generate(self, request):
         prompt = self.tokenizer.decode(request.tokens)
         if "# check the correctness of" in prompt:
-            self.completion = self.tests
+            tests = self.tests if isinstance(self.tests, str) else self.tests[request.sampling.seed % len(self.tests)]
+            self.completion = tests
         else:
             self.seeds.append(request.sampling.seed)
             self.completion = self.candidates[request.sampling.seed % len(self.candidates)]
@@ -53,7 +55,7 @@ class ScriptedEngine(FakeEngine):
 
 GOOD = "    return a + b\n"
 WRONG = "    return a - b\n"
-TESTS = "1, 2) == 3\nassert add(0, 0) == 0\nassert add(2, 2) == 5\nassert add(1,\nassert add(-1, 1) == 0\n\n"
+TESTS = ["1, 2) == 3\nassert add(0, 0) == 0\nassert add(2, 2) == 5\n", "1,\nassert add(-1, 1) == 0\n\n"]  # two samples
 
 
 def run(candidates, tests=TESTS, n=None, **kw):
@@ -150,6 +152,15 @@ def test_generated_asserts_are_parsed_deduplicated_and_counted():
                                      "assert f(9) == 9"], "f", 8, set())
     assert [t.code for t in tests] == ["assert f(1) == 2", "assert f(2) == 3"]
     assert counts == {"unparsable": 2, "duplicates": 1}
+
+
+def test_generated_asserts_are_taken_round_robin_across_samples():
+    """With room for 3, the kept tests are the first line of each sample, then the second: three
+    samples' first lines beat one sample's three."""
+    texts = ["1) == 1\nassert f(2) == 2\nassert f(3) == 3\n", "4) == 4\nassert f(5) == 5\n", "6) == 6\n"]
+    tests, counts = parse_generated(texts, "f", 3, set())
+    assert [t.code for t in tests] == ["assert f(1) == 1", "assert f(4) == 4", "assert f(6) == 6"]
+    assert counts == {"unparsable": 0, "duplicates": 0}
 
 
 def test_cursor_outside_a_function_body_is_an_invalid_request():
