@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,10 @@ class LspTarget:
         import threading
 
         self.name, self.timeout_s = name, timeout_s
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        from localcoder.models import die_with_parent
+
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     preexec_fn=die_with_parent if sys.platform == "linux" else None)
         self._ids = iter(range(1, 1 << 62))
         self._replies: dict[int, dict] = {}
         self._cond = threading.Condition()

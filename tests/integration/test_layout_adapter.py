@@ -113,3 +113,38 @@ def test_adapter_settings(tiny, tmp_path):
     with pytest.raises(InvalidRequest) as info:
         with_adapter(ResolvedModel("h", "hf", tmp_path), str(tiny / "adapter.gguf"))
     assert info.value.param == "adapter"
+
+
+def test_the_packaged_model_serves_with_its_shipped_adapter_by_default(model_05b_path):
+    """`make serve`'s configuration: the 0.5B loads core/adapters/qwen2.5-coder-0.5b.gguf (auto) and
+    reads the append-only order it was taught; `--adapter off` is the stock model in PSM. A keystroke
+    at the cursor then evaluates only what was typed (plus the healed token), not the suffix."""
+    from localcoder.completion import Completer, InfillRequest
+    from localcoder.models import shipped_adapter
+
+    from localcoder.models import resolve, with_adapter
+
+    assert shipped_adapter("qwen2.5-coder-0.5b") is not None
+    by_path = with_adapter(resolve(str(model_05b_path)), "auto")  # the packaged file by path is the same model
+    assert by_path.name == "qwen2.5-coder-0.5b" and by_path.meta["adapter"] == str(shipped_adapter(by_path.name))
+    cfg = Config()
+    cfg.apply({"model": "qwen2.5-coder-0.5b", "ctx": 2048, "threads": 2})
+    completer = Completer.from_config(cfg)
+    try:
+        meta = completer.engine.adapter
+        assert meta["base_model"] == "qwen2.5-coder-0.5b" and meta["fim_orders"] == "spm"
+        assert completer.order == "spm"
+        prefix = "def area(width, height):\n    \"\"\"Area of a rectangle.\"\"\"\n    re"
+        suffix = "\n\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n" * 4
+        first = completer.complete(InfillRequest(prefix, suffix, max_tokens=8))
+        typed = completer.complete(InfillRequest(prefix + "t", suffix, max_tokens=8))
+        assert first.timings.prompt_n > 60  # the suffix (its default budget) comes first
+        assert typed.timings.prompt_n - typed.timings.cached_n <= 4, typed.timings
+    finally:
+        completer.engine.close()
+    cfg.apply({"adapter": "off"})
+    plain = Completer.from_config(cfg)
+    try:
+        assert plain.engine.adapter == {} and plain.order == "psm"
+    finally:
+        plain.engine.close()
