@@ -382,8 +382,10 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
             targets.append(ed.InfillTarget(f"localcoder {cfg.editor_baseline}", stack.enter_context(
                 serving(base, f"http://127.0.0.1:{port}", "/health"))))
         if cfg.editor_lsp:  # the same keystrokes through the language server (in-process engine)
+            # default config; only the token cap equals the bodies' n_predict, which the HTTP targets get
             lsp = ed.LspTarget("localcoder lsp", [sys.executable, "-m", "localcoder.cli", "lsp", "--model", cfg.model,
-                                                  "--threads", str(cfg.threads), "--log-level", "warning"])
+                                                  "--threads", str(cfg.threads), "--max-tokens", str(cfg.max_tokens),
+                                                  "--log-level", "warning"])
             stack.callback(lsp.close)
             targets.append(lsp)
         if binary:
