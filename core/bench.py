@@ -174,11 +174,11 @@ def free_port() -> int:
 @contextmanager
 def serving(cmd: list[str], url: str, probe: str, timeout_s: float = 300, env: dict | None = None) -> Iterator[str]:
     """Start a server process, wait until ``probe`` answers 200, stop it afterwards."""
-    from localcoder.models import die_with_parent
+    from localcoder.models import TIED_TO_PARENT
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})},  # a killed bench leaves no server behind
-                            preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                            preexec_fn=TIED_TO_PARENT)
     try:
         deadline = time.monotonic() + timeout_s
         while True:

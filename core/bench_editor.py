@@ -21,7 +21,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,10 +181,10 @@ class LspTarget:
         import threading
 
         self.name, self.timeout_s = name, timeout_s
-        from localcoder.models import die_with_parent
+        from localcoder.models import TIED_TO_PARENT
 
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                                     preexec_fn=TIED_TO_PARENT)
         self._ids = iter(range(1, 1 << 62))
         self._replies: dict[int, dict] = {}
         self._cond = threading.Condition()

@@ -238,10 +238,11 @@ def resolve(spec: str, *, pull_if_missing: bool = False, progress: bool = True) 
         return ResolvedModel(spec, entry["kind"], path, entry.get("fim_format", "auto"), entry)
     path = Path(spec).expanduser()
     if path.exists():
-        for name, m in BUILTIN.items():  # a packaged model's own file, given by path: the same model (adapter too)
-            if path.is_file() and packaged_path(m).exists() and path.resolve() == packaged_path(m).resolve():
-                return resolve(name, progress=progress)
-        return _resolve_path(path.resolve(), path.name)
+        here = path.resolve()
+        packaged = next((name for name, m in BUILTIN.items() if packaged_path(m).resolve() == here), None)
+        if packaged is not None:  # a packaged model's own file, given by path: the same model (adapter too)
+            return resolve(packaged, progress=progress)
+        return _resolve_path(here, path.name)
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return _resolve_hub(spec)
     known = ", ".join(list(BUILTIN) + sorted(reg))
@@ -467,7 +468,7 @@ def _mb(n: int) -> str:
     return f"{max(n, 0) / 1e6:,.0f}"
 
 
-def die_with_parent() -> None:  # pragma: no cover - runs in the child
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     """In the child, before exec: SIGKILL when the parent dies (Linux), so kill -9 leaves no orphan."""
     try:
         import ctypes
@@ -477,10 +478,14 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+# ``preexec_fn`` for a child that must not outlive us (Popen takes none off Linux)
+TIED_TO_PARENT = _die_with_parent if sys.platform == "linux" else None
+
+
 def run_child(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group, tied to our life; the group is killed if we are interrupted."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            process_group=0, preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                            process_group=0, preexec_fn=TIED_TO_PARENT)
     try:
         out, err = proc.communicate()
     except BaseException:

@@ -63,6 +63,18 @@ def greedy(path: Path, adapter: Path | None = None, n: int = 24) -> list[int]:
         eng.close()
 
 
+def assert_adapter_off_is_plain_psm(cfg: Config) -> None:
+    """``--adapter off`` on the same configuration: no adapter loaded, the stock order (PSM)."""
+    from localcoder.completion import Completer
+
+    cfg.apply({"adapter": "off"})
+    plain = Completer.from_config(cfg)
+    try:
+        assert plain.engine.adapter == {} and plain.order == "psm"
+    finally:
+        plain.engine.close()
+
+
 def test_base_plus_adapter_equals_the_merged_model(tiny):
     with_adapter = greedy(tiny / "base.gguf", tiny / "adapter.gguf")
     assert with_adapter == greedy(tiny / "merged.gguf")
@@ -85,12 +97,7 @@ def test_the_adapter_metadata_declares_its_order_and_auto_picks_it(tiny):
         assert completer.order == "spm"
     finally:
         completer.engine.close()
-    cfg.apply({"adapter": "off"})
-    plain = Completer.from_config(cfg)
-    try:
-        assert plain.engine.adapter == {} and plain.order == "psm"
-    finally:
-        plain.engine.close()
+    assert_adapter_off_is_plain_psm(cfg)
 
 
 def test_an_adapter_for_another_base_is_refused(tiny, model_05b_path):
@@ -120,9 +127,7 @@ def test_the_packaged_model_serves_with_its_shipped_adapter_by_default(model_05b
     reads the append-only order it was taught; `--adapter off` is the stock model in PSM. A keystroke
     at the cursor then evaluates only what was typed (plus the healed token), not the suffix."""
     from localcoder.completion import Completer, InfillRequest
-    from localcoder.models import shipped_adapter
-
-    from localcoder.models import resolve, with_adapter
+    from localcoder.models import resolve, shipped_adapter, with_adapter
 
     assert shipped_adapter("qwen2.5-coder-0.5b") is not None
     by_path = with_adapter(resolve(str(model_05b_path)), "auto")  # the packaged file by path is the same model
@@ -142,9 +147,4 @@ def test_the_packaged_model_serves_with_its_shipped_adapter_by_default(model_05b
         assert typed.timings.prompt_n - typed.timings.cached_n <= 4, typed.timings
     finally:
         completer.engine.close()
-    cfg.apply({"adapter": "off"})
-    plain = Completer.from_config(cfg)
-    try:
-        assert plain.engine.adapter == {} and plain.order == "psm"
-    finally:
-        plain.engine.close()
+    assert_adapter_off_is_plain_psm(cfg)

@@ -45,8 +45,8 @@ class ScriptedEngine(FakeEngine):
     def generate(self, request):
         prompt = self.tokenizer.decode(request.tokens)
         if "# check the correctness of" in prompt:
-            tests = self.tests if isinstance(self.tests, str) else self.tests[request.sampling.seed % len(self.tests)]
-            self.completion = tests
+            self.completion = (self.tests if isinstance(self.tests, str)
+                               else self.tests[request.sampling.seed % len(self.tests)])
         else:
             self.seeds.append(request.sampling.seed)
             self.completion = self.candidates[request.sampling.seed % len(self.candidates)]
