@@ -56,7 +56,9 @@ class BenchConfig:
     peer: bool = True
     url: str = ""  # bench a running localcoder server instead of starting one
     api_key: str = ""
-    workloads: str = "cold,typing,editor"  # editor: llama.vim's bodies vs llama-server (localcoder.bench_editor)
+    # of cold,typing,editor,formats; editor: llama.vim's bodies vs llama-server (localcoder.bench_editor);
+    # formats: --model and --formats artifacts, each in-process with its own engine (localcoder.bench_formats)
+    workloads: str = "cold,typing,editor"
     llama_server: str = ""  # llama-server binary for the editor replay ("" = find it; "off" = skip it)
     editor_file_b: str = ""  # second file of the two-files replay (default: the stdlib's shlex.py)
     editor_chars: int = 160
@@ -66,6 +68,12 @@ class BenchConfig:
     editor_lsp: bool = True  # the editor replay also types through `localcoder lsp` (default config, stdio)
     editor_jumps: int = 4  # vim:after-jump: cursor jumps, each a warm-up, a rest and one keystroke (0 = skip)
     editor_jump_pause_s: float = 5.0  # how long the user rests after a jump before typing
+    # formats: --model and these artifacts (LABEL=PATH: GGUF, ONNX dir, HF dir) in-process, interleaved
+    formats: tuple[str, ...] = ()
+    format_rounds: int = 5  # formats: rounds (each measures every artifact once)
+    format_prompt_tokens: int = 512  # formats: cold prefill length
+    format_decode_tokens: int = 64  # formats: greedy tokens decoded after it
+    format_seed: int = 3  # formats: which calibration window is the prompt
 
 
 @dataclass
@@ -353,7 +361,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     results = run_http_workloads(cfg, progress) if {"cold", "typing"} & set(cfg.workloads.split(",")) else []
     if "editor" in cfg.workloads.split(",") and cfg.model != "fake":
         results += run_editor_replay(cfg, progress)
-    return report(cfg, results, physical_bound(cfg))
+    out = report(cfg, results, physical_bound(cfg))
+    if "formats" in cfg.workloads.split(",") and cfg.model != "fake":
+        from localcoder.bench_formats import run_formats
+
+        out["formats"] = run_formats(cfg, progress)
+    return out
 
 
 def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
@@ -451,6 +464,8 @@ def report(cfg: BenchConfig, results: list[WorkloadResult], bound: dict[str, Any
 def markdown(report_: dict[str, Any]) -> str:
     lines = ["| workload | target | n | p50 ms | p95 ms | prompt tok | evaluated tok | cache hit | generated tok | "
              "decode tok/s | p50 ratio (ours/peer) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if not report_["results"]:
+        lines = []  # e.g. --workloads formats alone
     for workload, by_target in report_["results"].items():
         ratio = report_["ratios_localcoder_over_peer"].get(workload, {}).get("p50_ms")
         for target, s in by_target.items():
@@ -468,6 +483,10 @@ def markdown(report_: dict[str, Any]) -> str:
         lines += ["", "First completion after a jump (warm-up, " f"{report_['config']['editor_jump_pause_s']:g} s rest, "
                   "one keystroke) over a warm mid-file keystroke, p50: " + ", ".join(
                       f"{t} {r:.2f}×" for t, r in report_["after_jump_over_mid_file_p50"].items())]
+    if report_.get("formats"):
+        from localcoder.bench_formats import markdown as formats_markdown
+
+        lines += ["", formats_markdown(report_["formats"]).rstrip()]
     lines.append("")
     lines.append("Typing and editor-replay (vim:*) latency = debounce "
                  f"({report_['config']['debounce_ms']} ms) + request latency; cold = request latency.")
@@ -506,5 +525,13 @@ def write_outputs(report_: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "plot": out_dir / "bench.png"}
     paths["json"].write_text(json.dumps(report_, indent=2), encoding="utf-8")
     paths["markdown"].write_text(markdown(report_), encoding="utf-8")
-    plot(report_, paths["plot"])
+    if report_["results"]:
+        plot(report_, paths["plot"])
+    else:
+        del paths["plot"]
+    if report_.get("formats"):
+        from localcoder.bench_formats import plot as formats_plot
+
+        paths["formats_plot"] = out_dir / "formats.png"
+        formats_plot(report_["formats"], paths["formats_plot"])
     return paths

@@ -29,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune", help="e.g. layers=12,heads=0.75,mlp=0.5,sparsity=0.5 (layers: count or fraction kept)")
     p.add_argument("--name", help="register the artifact under this name (default: the output's stem)")
     p.add_argument("--no-register", action="store_true", help="do not add the artifact to `localcoder models`")
-    p.add_argument("--keep", default="lm_head",
-                   help="onnx: comma-separated node-name patterns kept in fp32 (default lm_head; '' = none)")
+    p.add_argument("--keep", default=None,
+                   help="onnx: comma-separated node-name patterns kept in fp32 ('' = none; default: none for int8, "
+                        "lm_head for int4)")
     from localcoder.quantize.onnx import OnnxQuantConfig  # light: no onnx/onnxruntime import at parse time
 
     add_dataclass_arguments(p.add_argument_group("onnx quantizer (--to onnx --type int8|int4)"), OnnxQuantConfig)
@@ -114,7 +115,7 @@ def export(to: str, type: str, model_dir: Path, out: Path, args, threads: int, p
         from localcoder.cliargs import values_from_args
         from localcoder.quantize.onnx import OnnxQuantConfig, export_onnx
 
-        keep = [k.strip() for k in args.keep.split(",") if k.strip()]
+        keep = None if args.keep is None else [k.strip() for k in args.keep.split(",") if k.strip()]
         onnx_cfg = OnnxQuantConfig(**values_from_args(args, OnnxQuantConfig))
         res = export_onnx(model_dir, out, type, keep=keep, config=onnx_cfg, progress=progress)
         label = f"onnx {onnx_cfg.describe(type)}" if type in ("int8", "int4") else f"onnx {type}"

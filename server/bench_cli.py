@@ -31,6 +31,10 @@ _FLAGS = {
     "peer": {"help": "also bench llama-cpp-python's server (--no-peer skips it)"},
     "url": {"help": "bench a running `localcoder serve` at this URL instead of starting one"},
     "api_key": {"help": "key for --url"},
+    "workloads": {"help": "comma-separated: cold, typing, editor (llama.vim's bodies vs llama-server), formats "
+                          "(--model and --formats side by side in-process: prefill, decode, bandwidth bound)"},
+    "formats": {"metavar": "LABEL=PATH", "help": "formats workload: more artifacts of the model (GGUF file, ONNX "
+                                                 "export dir, HF dir) measured next to --model, interleaved"},
 }
 
 
@@ -57,6 +61,12 @@ def config_from(args: argparse.Namespace):
 
         model = str(resolve(model, pull_if_missing=True).path)
     cfg = BenchConfig(model=model, **values)
+    if cfg.formats and "formats" not in cfg.workloads.split(","):
+        cfg.workloads += ",formats"  # naming artifacts asks for their comparison
+    if "formats" in cfg.workloads.split(","):
+        from localcoder.bench_formats import parse_formats
+
+        parse_formats(cfg.model, cfg.formats)  # a wrong path fails before any server starts
     if args.quick:
         cfg.contexts, cfg.cold_repeats, cfg.typing_chars, cfg.max_tokens = (64, 128), 1, 40, 8
     return cfg

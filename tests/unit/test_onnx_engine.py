@@ -1,4 +1,5 @@
-"""HF -> ONNX (optimum, KV cache) -> onnxruntime engine, on the tiny random Qwen2 with the real tokenizer."""
+"""HF -> ONNX (onnxruntime-genai's builder by default, optimum as the fallback; KV cache) -> onnxruntime engine,
+on the tiny random Qwen2 with the real tokenizer."""
 
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ def onnx_fp32(tiny_qwen_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def onnx_fp32_optimum(tiny_qwen_dir, tmp_path_factory):
+    return export_fp32(tiny_qwen_dir, tmp_path_factory.mktemp("onnx") / "fp32-optimum", graph="optimum",
+                       progress=False).path
+
+
+def test_the_default_graph_is_the_fused_builder_graph(onnx_fp32, onnx_fp32_optimum):
+    ops = {n.op_type for n in onnx.load(str(onnx_fp32 / "model.onnx"), load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops and "SkipSimplifiedLayerNormalization" in ops
+    plain = {n.op_type for n in onnx.load(str(onnx_fp32_optimum / "model.onnx"), load_external_data=False).graph.node}
+    assert "GroupQueryAttention" not in plain
+
+
+@pytest.fixture(scope="module")
 def torch_model(tiny_qwen_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(str(tiny_qwen_dir), dtype=torch.float32).eval()
 
@@ -37,8 +51,9 @@ def torch_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def test_logits_match_torch(onnx_fp32, torch_model, ids):
-    eng = OnnxEngine(onnx_fp32, n_threads=2, n_batch=7)  # chunked scoring through the KV inputs
+@pytest.mark.parametrize("graph", ["onnx_fp32", "onnx_fp32_optimum"])
+def test_logits_match_torch(graph, request, torch_model, ids):
+    eng = OnnxEngine(request.getfixturevalue(graph), n_threads=2, n_batch=7)  # chunked scoring through the KV inputs
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor([ids])).logits[0].numpy()  # (T, V)
     got = eng.score(ids)
@@ -46,8 +61,9 @@ def test_logits_match_torch(onnx_fp32, torch_model, ids):
     assert np.abs(got - ref).max() < 1e-4
 
 
-def test_generation_matches_torch_and_reuses_the_cache(onnx_fp32, torch_model, ids):
-    eng = OnnxEngine(onnx_fp32, n_threads=2)
+@pytest.mark.parametrize("graph", ["onnx_fp32", "onnx_fp32_optimum"])
+def test_generation_matches_torch_and_reuses_the_cache(graph, request, torch_model, ids):
+    eng = OnnxEngine(request.getfixturevalue(graph), n_threads=2)
     assert eng.name == "onnx" and eng.device == "cpu"
     stream = eng.generate(GenerationRequest(tokens=ids, max_tokens=6))
     first = list(stream)
@@ -82,15 +98,29 @@ def test_cancel_and_stop_tokens(onnx_fp32, ids):
 
 
 @pytest.mark.parametrize("qtype,min_top1", [("int8", 0.8), ("int4", 0.5)])
-def test_quantized_exports_keep_the_head_and_generate(onnx_fp32, tmp_path, torch_model, ids, qtype, min_top1):
+def test_quantized_exports_by_default(onnx_fp32, tmp_path, torch_model, ids, qtype, min_top1):
+    """Defaults: int8 activations per block (accuracy level 4), the head quantized too; int8 rounds to nearest,
+    int4 is k-quant with llama.cpp Q4_K_M's mixed precision (head + sensitive blocks' QKV/down at 8 bits)."""
+    import json
+
     res = quantize_onnx(onnx_fp32, tmp_path / qtype, qtype, progress=False)
-    assert res.kept_nodes == ["/lm_head/MatMul"] and res.quantized_nodes == 4 * 7  # 7 matmuls per block
+    assert res.kept_nodes == [] and res.quantized_nodes == 4 * 5 + 1  # qkv, o, gate, up, down per block + head
     graph = onnx.load(str(res.path / "model.onnx"))
     ops = {n.op_type for n in graph.graph.node}
     assert "MatMulNBits" in ops and not ops & {"MatMulInteger", "DynamicQuantizeLinear"}  # weight-only
-    bits = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-    assert bits == {8 if qtype == "int8" else 4}
-    assert any(n.name == "/lm_head/MatMul" and n.op_type == "MatMul" for n in graph.graph.node)
+    assert not any(n.op_type == "MatMul" and n.name == "/lm_head/MatMul" for n in graph.graph.node)
+    nodes, _ = _nbits_nodes(res.path)
+    assert {v[1] for v in nodes.values()} == {4}
+    bits = {k.split("_Q")[0]: v[0] for k, v in nodes.items()}  # the rtn/k-quant path renames nodes ..._Q4
+    if qtype == "int8":
+        assert set(bits.values()) == {8}
+    else:  # 4 blocks: layer 0 (first eighth; the last eighth, i >= 3.5, is empty) and 2 (i % 3 == 2)
+        eight = {k for k, b in bits.items() if b == 8}
+        assert {k for k in eight if "lm_head" in k} and set(res.eight_bit_nodes) == {
+            f"/model/layers.{i}/{m}/MatMul" for i in (0, 2) for m in ("attn/qkv_proj", "mlp/down_proj")
+        } | {"/lm_head/MatMul"}
+        assert not any("layers.1/" in k or "layers.3/" in k for k in eight) and 4 in bits.values()
+        assert json.loads((res.path / "localcoder-onnx.json").read_text())["quantizer"]["algorithm"] == "k_quant"
     eng = OnnxEngine(res.path, n_threads=2)
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor([ids])).logits[0].numpy()
@@ -141,23 +171,23 @@ def _nbits_nodes(path):
     ("int8", dict(accuracy_level=4), 8),  # block-wise int8 activations, head quantized too (keep=[])
     ("int4", dict(algorithm="k_quant", accuracy_level=4, eight_bit=["lm_head", "layers.0/"]), 8),  # mixed
     ("int4", dict(accuracy_level=4, eight_bit=["lm_head"]), 8),  # two passes: 8-bit head, 4-bit blocks
-    ("int4", dict(algorithm="rtn", block_size=16, symmetric=False), 4),
-    ("int4", dict(algorithm="hqq", accuracy_level=4), 4),
-    ("int4", dict(algorithm="gptq", gptq_seqs=1), 4),
+    ("int4", dict(algorithm="rtn", block_size=16, symmetric=False, eight_bit=()), 4),  # () = all 4-bit
+    ("int4", dict(algorithm="hqq", accuracy_level=4, eight_bit=[""]), 4),  # what `--onnx-8bit ''` gives
+    ("int4", dict(algorithm="gptq", gptq_seqs=1, eight_bit=()), 4),
 ])
 def test_quantizer_options(onnx_fp32, tmp_path, torch_model, ids, qtype, cfg, head_bits):
     from localcoder.quantize.onnx import OnnxQuantConfig
 
     res = quantize_onnx(onnx_fp32, tmp_path / "q", qtype, keep=[], config=OnnxQuantConfig(**cfg), progress=False)
-    assert res.kept_nodes == [] and res.quantized_nodes == 4 * 7 + 1  # the head is quantized too
+    assert res.kept_nodes == [] and res.quantized_nodes == 4 * 5 + 1  # the head is quantized too
     nodes, graph = _nbits_nodes(res.path)
     assert not any(n.op_type == "MatMul" and n.name == "/lm_head/MatMul" for n in graph.graph.node)
     head = next(v for k, v in nodes.items() if k.startswith("/lm_head/MatMul"))
     block = {k: v for k, v in nodes.items() if k.startswith("/model/layers.1/")}
-    assert head[0] == head_bits and len(block) == 7
+    assert head[0] == head_bits and len(block) == 5  # fused qkv, o, gate, up, down
     base_bits = 8 if qtype == "int8" else 4
     assert {v[0] for v in block.values()} == {base_bits}
-    if cfg.get("eight_bit"):  # the nodes the patterns name kept at 8 bits, the rest at 4
+    if any(cfg.get("eight_bit") or ()):  # the nodes the patterns name kept at 8 bits, the rest at 4
         named = {k: v for k, v in nodes.items() if any(p in k for p in cfg["eight_bit"])}
         assert named and {v[0] for v in named.values()} == {8}
         assert res.eight_bit_nodes and all(any(p in n for p in cfg["eight_bit"]) for n in res.eight_bit_nodes)
@@ -174,7 +204,7 @@ def test_quantizer_options(onnx_fp32, tmp_path, torch_model, ids, qtype, cfg, he
     import json
 
     assert json.loads((res.path / "localcoder-onnx.json").read_text())["quantizer"]["algorithm"] == \
-        cfg.get("algorithm", "default")
+        cfg.get("algorithm", "default" if qtype == "int8" else "k_quant")
 
 
 def test_bad_quantizer_options_fail_before_exporting(onnx_fp32, tmp_path):
