@@ -352,7 +352,8 @@ def quantize_onnx(fp32_dir: str | os.PathLike, out: str | os.PathLike, type: str
     quant, kept = select_nodes(model, keep)
     if not quant:
         raise InvalidRequest("no transformer-block MatMul left to quantize (check --keep)", param="keep")
-    eight = [n for n in quant if eight_bit_node(n, cfg.eight_bit, n_layers(quant))] if type == "int4" else []
+    depth = n_layers(quant)
+    eight = [n for n in quant if eight_bit_node(n, cfg.eight_bit, depth)] if type == "int4" else []
     if not explicit_block and cfg.algorithm in ("rtn", "k_quant", "gptq"):
         cfg = OnnxQuantConfig(**{**asdict(cfg), "block_size": packable_block(model, quant, cfg.block_size)})
     large = dir_size(src) > EXTERNAL_DATA_BYTES
