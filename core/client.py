@@ -2,6 +2,7 @@
 
     async for delta in client.generate(request, key):   # text deltas; the last one carries .result
         ...
+    await complete(client, request, key)                # only the result (no per-token deltas)
     await client.abort(key)                             # stop the live request on that key
     await client.health()                               # a dict: status, model, queue, cache
     client.prefill(request, key)                        # warm the KV cache at the lowest priority
@@ -92,7 +93,7 @@ class EngineClient(Protocol):
     description: str
     stats: ClientStats
 
-    def generate(self, request: InfillRequest, key: str | None = None) -> Generation: ...
+    def generate(self, request: InfillRequest, key: str | None = None, *, deltas: bool = True) -> Generation: ...
 
     async def abort(self, key: str) -> None: ...
 
@@ -108,8 +109,9 @@ class EngineClient(Protocol):
 
 
 async def complete(client: EngineClient, request: InfillRequest, key: str | None = None) -> CompletionResult:
-    """Run one request to the end and return its result."""
-    gen = client.generate(request, key)
+    """Run one request to the end and return its result. No deltas are sent on the way: a caller that
+    wants only the result does not pay a thread hand-off and an event-loop wake-up per token."""
+    gen = client.generate(request, key, deltas=False)
     try:
         async for delta in gen:
             if delta.result is not None:
@@ -140,6 +142,7 @@ class Job:
     key: str | None
     loop: asyncio.AbstractEventLoop | None
     background: bool = False
+    deltas: bool = True  # False: only the final event is posted (the caller wants just the result)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: CancelToken = field(default_factory=CancelToken)
     id: int = 0
@@ -147,7 +150,7 @@ class Job:
     finished: bool = False
 
     def post(self, event: _Event) -> None:
-        if self.loop is None:
+        if self.loop is None or (event.kind == "delta" and not self.deltas):
             return
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -224,9 +227,11 @@ class InProcessClient:
             raise NotReady("the model is still loading; retry shortly")
 
     # ---- requests -------------------------------------------------------------------------------
-    def generate(self, request: InfillRequest, key: str | None = None) -> Generation:
-        """Queue ``request`` now (``QueueFull`` / ``NotReady`` / ``InvalidRequest`` raise here)."""
+    def generate(self, request: InfillRequest, key: str | None = None, *, deltas: bool = True) -> Generation:
+        """Queue ``request`` now (``QueueFull`` / ``NotReady`` / ``InvalidRequest`` raise here); with
+        ``deltas=False`` the generation yields only the final delta (the one carrying the result)."""
         job = self._submit(request, key, asyncio.get_running_loop(), background=False)
+        job.deltas = deltas
         return Generation(_job_deltas(job), lambda reason: self.cancel(job, reason))
 
     def prefill(self, request: InfillRequest, key: str | None = None) -> None:
@@ -409,10 +414,18 @@ class InProcessClient:
 
 
 async def _job_deltas(job: Job) -> AsyncIterator[Delta]:
+    queue, held = job.events, None
     while True:
-        event = await job.events.get()
-        if event.kind == "delta":
-            yield Delta(event.text)
+        event, held = held or await queue.get(), None
+        if event.kind == "delta":  # deltas that arrived while the caller was busy go out as one
+            text = [event.text]
+            while not queue.empty():
+                nxt = queue.get_nowait()
+                if nxt.kind != "delta":
+                    held = nxt
+                    break
+                text.append(nxt.text)
+            yield Delta("".join(text))
         elif event.kind == "done":
             yield Delta("", event.result)
             return
@@ -486,7 +499,7 @@ class HttpClient:
         return BackendUnavailable(f"cannot reach localcoder serve at {self.url}: {exc.__class__.__name__}",
                                   hint="start it with `localcoder serve` or fix serverUrl")
 
-    def generate(self, request: InfillRequest, key: str | None = None) -> Generation:
+    def generate(self, request: InfillRequest, key: str | None = None, *, deltas: bool = True) -> Generation:
         request.validate()
         stop = asyncio.Event()
         if key is not None:
@@ -495,9 +508,10 @@ class HttpClient:
                 self.stats.superseded += 1
             self._live[key] = stop
         self.stats.submitted += 1
-        return Generation(self._stream(request, key, stop), lambda reason: stop.set())
+        return Generation(self._stream(request, key, stop, deltas), lambda reason: stop.set())
 
-    async def _stream(self, request: InfillRequest, key: str | None, stop: asyncio.Event) -> AsyncIterator[Delta]:
+    async def _stream(self, request: InfillRequest, key: str | None, stop: asyncio.Event,
+                      deltas: bool = True) -> AsyncIterator[Delta]:
         import httpx
 
         body = infill_body(request)
@@ -511,7 +525,8 @@ class HttpClient:
                     raise http_error(response.status_code, kind, message, self.url)
                 self.stats.started += 1
                 async for delta in self._events(response, request, stop):
-                    yield delta
+                    if deltas or delta.result is not None:
+                        yield delta
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
         finally:

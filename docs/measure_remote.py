@@ -3,10 +3,12 @@
     python docs/measure_remote.py --remote http://127.0.0.1:8080 --serve http://127.0.0.1:8765 -n 30
 
 For each round: one ``POST /infill`` through localcoder (prompt built, tokenized, sent as token ids,
-streamed back, stop rules applied), then one direct ``POST /v1/completions`` to the remote with the
-same token prompt and ``max_tokens`` equal to the tokens localcoder's request generated (so both do
-the same work; the prompt is cached by the remote after the first round in both paths). Reports p50
-of each and the p50 of the per-round difference: the latency the remote path adds.
+streamed back, stop rules applied) and one direct streamed request to the remote with the same token
+prompt and as many tokens as localcoder's request generated (so both do the same work; the prompt is
+cached by the remote after the first round in both paths), in an order that rotates. Reports p50 of
+each and the p50 of the per-round difference: the latency the remote path adds. ``--serve`` repeated
+puts several serves (before/after a change) in the same interleaved run; ``--pid`` with each adds
+its CPU time per request.
 
     python docs/measure_remote.py --serve http://127.0.0.1:8765 --direct http://127.0.0.1:8081 --typing
 
@@ -59,18 +61,32 @@ def _direct_body(remote: str, http: httpx.Client, ids: list[int], max_tokens: in
     return "/v1/completions", {**body, "max_tokens": max_tokens}
 
 
-def measure(remote: str, serve: str, model: str = "qwen2.5-coder-0.5b", n: int = 30, max_tokens: int = 16,
-            prefix: str = PREFIX, suffix: str = SUFFIX) -> dict[str, Any]:
+def _cpu_ms(pid: int | None) -> float:
+    """User + system CPU time of a process so far (Linux /proc), 0 without a pid."""
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000.0 / os.sysconf("SC_CLK_TCK")
+
+
+def measure(remote: str, serves: list[str], model: str = "qwen2.5-coder-0.5b", n: int = 30, max_tokens: int = 16,
+            prefix: str = PREFIX, suffix: str = SUFFIX, pids: list[int] | None = None) -> dict[str, Any]:
+    """Each round: one direct request and one ``/infill`` through every serve, in a rotating order."""
     ids = token_prompt(model, prefix, suffix)
     body = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": max_tokens, "temperature": 0}
-    serve_ms, direct_ms, added = [], [], []
+    pids = list(pids or []) + [0] * (len(serves) - len(pids or []))
+    times: dict[str, list[float]] = {"direct": [], **{s: [] for s in serves}}
+    added: dict[str, list[float]] = {s: [] for s in serves}
     # one connection per path; llama-server may close a keep-alive connection after a stream, so the
     # direct path asks for a fresh one each time (TCP on loopback: well under 1 ms)
     with httpx.Client(timeout=60) as http, httpx.Client(timeout=60, headers={"Connection": "close"}) as raw:
-        predicted = max(1, int(http.post(f"{serve}/infill", json=body).json()["timings"]["predicted_n"]))
-        path, direct_body = _direct_body(remote, raw, ids, predicted)
+        predicted = [max(1, int(http.post(f"{s}/infill", json=body).json()["timings"]["predicted_n"])) for s in serves]
+        if len(set(predicted)) != 1:
+            raise SystemExit(f"the serves generated different numbers of tokens: {predicted}")
+        path, direct_body = _direct_body(remote, raw, ids, predicted[0])
 
-        def through() -> float:
+        def through(serve: str) -> float:
             t0 = time.perf_counter()
             r = http.post(f"{serve}/infill", json=body)
             r.raise_for_status()
@@ -84,15 +100,23 @@ def measure(remote: str, serve: str, model: str = "qwen2.5-coder-0.5b", n: int =
             return _ms(t0)
 
         direct()  # warms the direct path's connection and cache
-        for i in range(n):  # alternate which path goes first, so neither always follows the other
-            a, b = (through(), direct()) if i % 2 == 0 else tuple(reversed((direct(), through())))
-            serve_ms.append(a)
-            direct_ms.append(b)
-            added.append(a - b)
-    return {"n": n, "prompt_tokens": len(ids), "generated_tokens": predicted, "direct_endpoint": path,
-            "p50_serve_ms": round(statistics.median(serve_ms), 2),
-            "p50_direct_ms": round(statistics.median(direct_ms), 2),
-            "p50_added_ms": round(statistics.median(added), 2), "load": os.getloadavg()}
+        cpu0 = [_cpu_ms(p) for p in pids]
+        paths = ["direct", *serves]
+        for i in range(n):  # rotate which path goes first, so none always follows another
+            order = paths[i % len(paths):] + paths[:i % len(paths)]
+            got = {p: direct() if p == "direct" else through(p) for p in order}
+            for p, ms in got.items():
+                times[p].append(ms)
+            for s in serves:
+                added[s].append(got[s] - got["direct"])
+        cpu = [(_cpu_ms(p) - c) / n for p, c in zip(pids, cpu0)]
+    return {"n": n, "prompt_tokens": len(ids), "generated_tokens": predicted[0], "direct_endpoint": path,
+            "p50_direct_ms": round(statistics.median(times["direct"]), 2),
+            "serves": [{"serve": s, "p50_serve_ms": round(statistics.median(times[s]), 2),
+                        "p50_added_ms": round(statistics.median(added[s]), 2),
+                        **({"cpu_ms_per_request": round(c, 2)} if pid else {})}
+                       for s, c, pid in zip(serves, cpu, pids)],
+            "load": os.getloadavg()}
 
 
 def typing(serve: str, direct: str, file_a: str = "", file_b: str = "", chars: int = 40,
@@ -110,7 +134,10 @@ def typing(serve: str, direct: str, file_a: str = "", file_b: str = "", chars: i
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--remote", help="the llama-server behind localcoder serve --engine remote")
-    p.add_argument("--serve", required=True, help="localcoder serve --engine remote")
+    p.add_argument("--serve", required=True, action="append",
+                   help="localcoder serve --engine remote (repeat: several serves, interleaved in one run)")
+    p.add_argument("--pid", type=int, action="append", default=[],
+                   help="the process id of each --serve, in order: reports its CPU time per request")
     p.add_argument("--direct", help="a second llama-server on the same GGUF, for --typing")
     p.add_argument("--typing", action="store_true", help="the editor typing replay through both paths")
     p.add_argument("--chars", type=int, default=40, help="characters typed per replay (--typing)")
@@ -121,11 +148,11 @@ def main() -> None:
     if args.typing:
         if not args.direct:
             p.error("--typing needs --direct URL (a second llama-server)")
-        print(json.dumps(typing(args.serve, args.direct, chars=args.chars), indent=2))
+        print(json.dumps(typing(args.serve[0], args.direct, chars=args.chars), indent=2))
     elif not args.remote:
         p.error("--remote URL is required (or --typing with --direct)")
     else:
-        print(json.dumps(measure(args.remote, args.serve, args.model, args.n, args.max_tokens), indent=2))
+        print(json.dumps(measure(args.remote, args.serve, args.model, args.n, args.max_tokens, pids=args.pid), indent=2))
 
 
 if __name__ == "__main__":

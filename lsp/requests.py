@@ -84,7 +84,7 @@ class Requests:
                 return None
             self.stats.generations += 1
             t0 = time.perf_counter()
-            ticket.generation = gen = client.generate(req, ticket.key)
+            ticket.generation = gen = client.generate(req, ticket.key, deltas=False)  # the result only
             result = None
             try:
                 async for delta in gen:

@@ -228,7 +228,7 @@ async def respond(request: Request, state: ServerState, req, lane: str | None, s
     if req.max_tokens == 0 and not stream:  # llama.vim's warm-up: prefill at the lowest priority
         client.prefill(req, lane)
         return JSONResponse(render_final(CompletionResult("", "limit", req.mode, Timings(), False, 0)))
-    gen = client.generate(req, lane)
+    gen = client.generate(req, lane, deltas=stream)  # a JSON answer needs only the result
     watch = DisconnectWatch(request.receive)
     try:
         first = await next_delta(gen, watch)
