@@ -4,8 +4,9 @@ same model, run every body against every test in the sandbox, return the bodies 
 For the function whose body holds the cursor (Python):
 
 1. **Candidates**: N middles sampled from one prompt (temperature / top-p, seed ``s + i`` for the i-th).
-   An engine with ``sample_many`` (llama.cpp) evaluates the prompt once and decodes the N sequences
-   together, one batch per step; others run N requests one after another (``sample``).
+   An engine with ``sample_groups`` (llama.cpp) decodes them together with the test-writing sequences
+   of step 2, one batch per step, the prompts' shared prefix evaluated once; others run one request
+   per sequence, one after another (``sample_groups``).
 2. **Tests**: the docstring's doctest examples (``>>> f(1)`` / ``3``) and ``f(x) == y`` / ``f(x) ➞ y``
    example lines count as tests as written; the model adds M ``assert`` lines from the signature and
    docstring (prompt: the code up to the cursor, ``pass``, ``# check the correctness of f``,
@@ -40,12 +41,12 @@ import tempfile
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from localcoder.completion import CompletionResult, CompletionStream, InfillRequest
 from localcoder.docstring import FunctionAt, find_function
-from localcoder.engines.base import CancelToken, GenerationRequest, Sampling, Timings
+from localcoder.engines.base import CancelToken, GenerationRequest, SampleGroup, Sampling, StopFn, Timings
 from localcoder.errors import InvalidRequest
 from localcoder.stops import StopRules
 
@@ -270,50 +271,71 @@ def parse_generated(texts: Sequence[str], name: str, limit: int, seen: set[str])
 # ---- sampling ------------------------------------------------------------------------------------
 
 
-def sample(engine, tokens: list[int], n: int, sampling: Sampling, max_tokens: int,
-           stop: Callable[[int, list[int]], bool], cancel: CancelToken, stop_token_ids: frozenset[int],
-           on_done: Callable[[int], None] = lambda i: None) -> tuple[list[list[int]], Timings, bool]:
-    """``n`` continuations of ``tokens``: batched where the engine has ``sample_many``, else one
-    request per sequence (seed ``sampling.seed + i``). Returns (token lists, timings, batched)."""
-    many = getattr(engine, "sample_many", None)
+def sample_groups(engine, groups: Sequence[SampleGroup], cancel: CancelToken,
+                  on_done: Callable[[int, int], None] = lambda k, done: None
+                  ) -> tuple[list[list[list[int]]], Timings, bool]:
+    """Every group's continuations: in one batched decode where the engine has ``sample_groups``
+    (llama.cpp: the sequences of all groups step together, so the groups' decode times do not add
+    up), else one request per sequence, group after group (seed ``sampling.seed + i`` for sequence i
+    of a group). ``on_done(k, done)``: ``done`` sequences of group k have finished. Returns (token
+    lists per group, timings of the whole call, batched)."""
+    many = getattr(engine, "sample_groups", None)
     if many is not None:
-        finished: set[int] = set()
-
-        def stop_and_count(i: int, toks: list[int]) -> bool:
-            done = stop(i, toks)
-            if done and i not in finished:
-                finished.add(i)
-                on_done(len(finished))
-            return done
-
-        outs, timings = many(list(tokens), n, sampling, max_tokens, stop=stop_and_count, cancel=cancel,
-                             stop_token_ids=stop_token_ids)
+        counted = [replace(g, stop=_counting(g.stop, lambda done, k=k: on_done(k, done)))
+                   for k, g in enumerate(groups)]
+        outs, timings = many(counted, cancel=cancel)
         return outs, timings, True
-    total, outs = Timings(), []
-    for i in range(n):
+    total = Timings()
+    outs = [_sample_one_by_one(engine, g, cancel, total, lambda done, k=k: on_done(k, done))
+            for k, g in enumerate(groups)]
+    return outs, total, False
+
+
+def _counting(stop: StopFn | None, on_done: Callable[[int], None]) -> StopFn:
+    """``stop``, also reporting how many distinct sequences it has stopped so far."""
+    finished: set[int] = set()
+
+    def counted(i: int, toks: list[int]) -> bool:
+        done = stop is not None and stop(i, toks)
+        if done and i not in finished:
+            finished.add(i)
+            on_done(len(finished))
+        return done
+
+    return counted
+
+
+def _sample_one_by_one(engine, group: SampleGroup, cancel: CancelToken, total: Timings,
+                       on_done: Callable[[int], None]) -> list[list[int]]:
+    """The fallback of ``sample_groups`` for one group: a ``generate`` request per sequence (seed
+    ``sampling.seed + i``), its timings added to ``total``."""
+    sampling, outs = group.sampling, []
+    for i in range(group.n):
         if cancel.cancelled:
             total.cancelled = True
             outs.append([])
             continue
         s = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + i)
-        stream = engine.generate(GenerationRequest(list(tokens), max_tokens, s, stop_token_ids, cancel))
+        stream = engine.generate(GenerationRequest(list(group.prompt), group.max_tokens, s, group.stop_token_ids,
+                                                   cancel))
         toks: list[int] = []
         try:
             for tok in stream:
                 toks.append(tok)
-                if stop(i, toks):
+                if group.stop is not None and group.stop(i, toks):
                     break
         finally:
             stream.close()
         t = stream.timings
-        total.prompt_n, total.cached_n = t.prompt_n, total.cached_n + t.cached_n
+        total.prompt_n += t.prompt_n
+        total.cached_n += t.cached_n
         total.prompt_ms += t.prompt_ms
         total.predicted_n += t.predicted_n
         total.predicted_ms += t.predicted_ms
         total.cancelled = total.cancelled or t.cancelled
         outs.append(toks)
         on_done(i + 1)
-    return outs, total, False
+    return outs
 
 
 class _Texts:
@@ -353,43 +375,47 @@ class Candidate:
     passed: tuple[str, ...] = ()
 
 
-def sample_candidates(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken,
-                      progress: Progress) -> tuple[list[Candidate], list[str], Timings, bool]:
-    """Distinct candidates (with sample counts), every sample's text in order, timings, batched."""
-    engine, n = completer.engine, opts.candidates
+def candidates_group(completer, req: InfillRequest, opts: CheckOptions) -> tuple[SampleGroup, _Texts, StopRules]:
+    """The N candidate bodies to sample (FIM prompt in multi-line mode, the completion's stop rules),
+    with the texts and rules that ``merge_candidates`` finishes them with."""
+    engine = completer.engine
     rules = StopRules("multi", req.prefix, req.suffix, tuple(req.stop), req.indent)
-    texts = _Texts(engine.tokenizer, n)
+    texts = _Texts(engine.tokenizer, opts.candidates)
 
     def stop(i: int, toks: list[int]) -> bool:
         return rules.check(texts.update(i, toks)) is not None
 
-    sampling = Sampling(opts.temperature, opts.top_k, opts.top_p, opts.seed)
     ids = _prompt(completer, InfillRequest(req.prefix, req.suffix, req.snippets, req.path, req.repo, req.language,
                                            "multi", opts.max_tokens, budget=req.budget, order=req.order))
-    outs, timings, batched = sample(engine, ids, n, sampling, opts.max_tokens, stop, cancel,
-                                    completer.format.stop_ids(engine.tokenizer),
-                                    lambda done: progress("candidates", done, n))
+    sampling = Sampling(opts.temperature, opts.top_k, opts.top_p, opts.seed)
+    group = SampleGroup(ids, opts.candidates, sampling, opts.max_tokens, stop,
+                        completer.format.stop_ids(engine.tokenizer))
+    return group, texts, rules
+
+
+def merge_candidates(outs: list[list[int]], texts: _Texts, rules: StopRules) -> tuple[list[Candidate], list[str]]:
+    """Distinct candidates (with sample counts) and every sample's final text, in order."""
     finals = []
     for i, toks in enumerate(outs):
         text = texts.update(i, toks)
         hit = rules.check(text, final=True)
         finals.append(rules.finish(text[: hit[0]] if hit is not None else text))
-    progress("candidates", n, n)
     merged: dict[str, Candidate] = {}
     for i, text in enumerate(finals):
         if text in merged:
             merged[text].samples += 1
         else:
             merged[text] = Candidate(text, 1, i)
-    return list(merged.values()), finals, timings, batched
+    return list(merged.values()), finals
 
 
-def generate_tests(completer, req: InfillRequest, fn: FunctionAt, opts: CheckOptions, cancel: CancelToken,
-                   seen: set[str]) -> tuple[list[Test], dict[str, int], Timings]:
-    """Up to ``opts.tests`` assertions written by the model (several sequences sampled together)."""
-    counts = {"unparsable": 0, "duplicates": 0}
+def tests_group(completer, req: InfillRequest, fn: FunctionAt,
+                opts: CheckOptions) -> tuple[SampleGroup, _Texts] | None:
+    """The sequences that write up to ``opts.tests`` assertions, or None where none are wanted (M = 0,
+    a method or nested function). Their prompt starts with the candidates' prefix text, so
+    ``sample_groups`` evaluates the shared part once."""
     if opts.tests <= 0 or prefix_def_indent(req.prefix, fn):
-        return [], counts, Timings()
+        return None
     engine = completer.engine
     # M/2 sequences decoded together, each ending after its share of assertions plus one (some are
     # discarded later): a batch of 4 x 3 short lines costs a fraction of 3 sequences x 8 lines
@@ -405,10 +431,8 @@ def generate_tests(completer, req: InfillRequest, fn: FunctionAt, opts: CheckOpt
     ids = _prompt(completer, InfillRequest(tests_prompt_prefix(req.prefix, fn), "", mode="multi",
                                            max_tokens=opts.test_tokens, budget=req.budget))
     sampling = Sampling(max(opts.temperature, 0.2), opts.top_k, opts.top_p, opts.seed + 1000)
-    outs, timings, _ = sample(engine, ids, n, sampling, opts.test_tokens, stop, cancel,
-                              completer.format.stop_ids(engine.tokenizer))
-    tests, got = parse_generated([texts.update(i, t) for i, t in enumerate(outs)], fn.name, opts.tests, seen)
-    return tests, got, timings
+    group = SampleGroup(ids, n, sampling, opts.test_tokens, stop, completer.format.stop_ids(engine.tokenizer))
+    return group, texts
 
 
 def prefix_def_indent(prefix: str, fn: FunctionAt) -> bool:
@@ -668,26 +692,44 @@ def _program(prefix: str, suffix: str) -> Callable[[str], str]:
 
 def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken | None = None,
           progress: Progress | None = None) -> CheckOutcome:
-    """Sample, write tests, execute and rank (see the module docstring)."""
+    """Sample candidates and test-writing sequences in one shared decode, execute and rank (see the
+    module docstring)."""
     cancel = cancel or CancelToken()
     progress = progress or (lambda what, done, total: None)
     t0 = time.perf_counter()
     python = is_python(req.language, req.path)
     fn = require_function(req.prefix, req.suffix) if python else None
-    cands, samples, cand_t, batched = sample_candidates(completer, req, opts, cancel, progress)
+    cand_group, cand_texts, rules = candidates_group(completer, req, opts)
+    writing = tests_group(completer, req, fn, opts) if fn is not None else None
+    groups = [cand_group] + ([writing[0]] if writing is not None else [])
+
+    def done(k: int, finished: int) -> None:
+        if k == 0:
+            progress("candidates", finished, opts.candidates)
+
+    t_sample = time.perf_counter()
+    outs, decode_t, batched = sample_groups(completer.engine, groups, cancel, done)
+    t_sampled = time.perf_counter()
+    cands, samples = merge_candidates(outs[0], cand_texts, rules)
+    progress("candidates", opts.candidates, opts.candidates)
     t_cand = time.perf_counter()
     evidence: dict[str, Any] = {"language": "python" if python else (req.language or "unknown"),
                                 "batched_decode": batched, "n_samples": len(samples)}
+    timings: dict[str, Any] = {
+        "sampling_ms": round((t_sampled - t_sample) * 1000, 1), "candidates_ms": round((t_cand - t0) * 1000, 1),
+        "decode": decode_t.to_dict(), "sampled_tokens": {"candidates": sum(map(len, outs[0])),
+                                                         "tests": sum(map(len, outs[1])) if writing else 0}}
     if fn is None or cancel.cancelled:
         evidence.update(ranked=False, note="not executed: only Python candidates are run and ranked; "
                         "these are the sampled candidates in sample order" if fn is None else "cancelled")
         evidence["candidates"] = [_cand_json(c, i + 1) for i, c in enumerate(cands)]
-        evidence["timings"] = {"candidates_ms": round((t_cand - t0) * 1000, 1), "decode": cand_t.to_dict()}
+        evidence["timings"] = timings
         return CheckOutcome(cands, samples, [], evidence, cancel.cancelled)
     doc = docstring_of(req.prefix, fn)
     written = doctests(doc) + example_lines(doc, fn.name)
     seen = {ast.dump(ast.parse(t.code)) for t in written if t.kind == "example"}
-    generated, counts, test_t = generate_tests(completer, req, fn, opts, cancel, seen)
+    generated, counts = ([], {"unparsable": 0, "duplicates": 0}) if writing is None else parse_generated(
+        [writing[1].update(i, toks) for i, toks in enumerate(outs[1])], fn.name, opts.tests, seen)
     progress("tests", len(written) + len(generated), len(written) + len(generated))
     t_tests = time.perf_counter()
     tests = written + generated
@@ -701,15 +743,15 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
         note = "no tests: ranked by how often each candidate was sampled"
     elif not any_pass:
         note = "no candidate passed any test: ranked by how often each candidate was sampled"
+    timings.update(tests_ms=round((t_tests - t_cand) * 1000, 1), exec_ms=round((t_exec - t_tests) * 1000, 1),
+                   total_ms=round((t_exec - t0) * 1000, 1))
     evidence.update(
         ranked=True, note=note, cancelled=cancel.cancelled, function=fn.name,
         candidates=[_cand_json(c, i + 1) for i, c in enumerate(ranked)],
         tests=[t.to_json() for t in kept],
         discarded={"unparsable": counts["unparsable"], "duplicates": counts["duplicates"],
                    "failing_everywhere": failing, "failing_everywhere_tests": [t.code for t in tests if t not in kept]},
-        timings={"candidates_ms": round((t_cand - t0) * 1000, 1), "tests_ms": round((t_tests - t_cand) * 1000, 1),
-                 "exec_ms": round((t_exec - t_tests) * 1000, 1), "total_ms": round((t_exec - t0) * 1000, 1),
-                 "decode": cand_t.to_dict(), "test_decode": test_t.to_dict()})
+        timings=timings)
     return CheckOutcome(ranked, samples, kept, evidence, cancel.cancelled)
 
 

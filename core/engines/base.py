@@ -94,6 +94,24 @@ class Timings:
         }
 
 
+StopFn = Callable[[int, list[int]], bool]  # (index of the sequence in its group, its tokens) -> stop it
+
+
+@dataclass
+class SampleGroup:
+    """One prompt's share of an engine's ``sample_groups`` (llama.cpp: ``LlamaCppEngine.sample_groups``): ``n`` sequences continuing ``prompt``,
+    sequence i sampled with ``sampling`` at seed ``sampling.seed + i``, each ending at ``max_tokens``,
+    when ``stop(i, tokens)`` says so, or at a token of ``stop_token_ids`` (not kept). Groups of one
+    call share a decode, so their prompts should share a long token prefix."""
+
+    prompt: list[int]
+    n: int
+    sampling: Sampling
+    max_tokens: int
+    stop: StopFn | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+
+
 class TokenStream:
     """Iterator of generated token ids with live ``timings``. Built from a generator function
     that receives the Timings to fill."""

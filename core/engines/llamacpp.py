@@ -14,11 +14,12 @@ import ctypes
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from localcoder.engines.base import GenerationRequest, Timings, TokenStream, check_request, run_tokens
+from localcoder.engines.base import (GenerationRequest, SampleGroup, Sampling, StopFn, Timings, TokenStream,
+                                     check_request, run_tokens)
 from localcoder.engines.kvcache import PrefixCache, SlotTable, common_prefix_len
 from localcoder.errors import BackendUnavailable, InvalidRequest, ModelCorrupt
 
@@ -192,7 +193,7 @@ class LlamaCppEngine:
         if not ptr:
             raise ModelCorrupt(f"llama.cpp could not load the LoRA adapter {adapter} onto {base.name}: not a GGUF "
                                "LoRA, or made for another base model", hint="use --adapter off, or the adapter's base")
-        self._lora = ptr  # sample_many's own context applies it too
+        self._lora = ptr  # sample_groups' own context applies it too
         if lib.llama_set_adapters_lora(self.ctx.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(ptr), 1,
                                        (ctypes.c_float * 1)(1.0)):
             raise ModelCorrupt(f"llama.cpp could not apply the LoRA adapter {adapter}")
@@ -285,100 +286,159 @@ class LlamaCppEngine:
         yield from run_tokens(request, timings, keep, self.n_batch, lambda ids: self._forward(slot, ids),
                               lambda: self._truncate(slot, 0), spec=spec)
 
-    # ---- several continuations of one prompt, decoded together (localcoder.checked) -------------------
+    # ---- several continuations of one or more prompts, decoded together (localcoder.checked) ----------
 
-    def sample_many(self, prompt_tokens: list[int], n: int, sampling, max_tokens: int, stop=None, cancel=None,
-                    stop_token_ids: frozenset[int] = frozenset(), on_step=None) -> tuple[list[list[int]], Timings]:
-        """``n`` continuations of one prompt: the prompt is evaluated once (sequence 0 of a context of
-        its own, unified KV cache, kept between calls for prefix reuse), its cells are shared with
-        sequences 1..n-1 (``llama_memory_seq_cp``), then each step is one ``llama_decode`` of a batch
-        holding the next token of every live sequence. Sequence i samples with seed ``sampling.seed + i``
-        exactly as ``generate`` would with that seed, so at temperature 0 each is the greedy output.
-        ``stop(i, tokens) -> bool`` ends sequence i (its last token kept); a stop token ends it (not
-        kept); ``cancel`` (a CancelToken) stops all between steps; ``on_step(live)`` reports progress."""
+    def sample_many(self, prompt_tokens: list[int], n: int, sampling: Sampling, max_tokens: int,
+                    stop: StopFn | None = None, cancel=None, stop_token_ids: frozenset[int] = frozenset(),
+                    on_step: Callable[[int], None] | None = None) -> tuple[list[list[int]], Timings]:
+        """``n`` continuations of one prompt: ``sample_groups`` with a single group (see there).
+        Sequence i samples with seed ``sampling.seed + i`` exactly as ``generate`` would with that
+        seed, so at temperature 0 each is the greedy output."""
+        group = SampleGroup(list(prompt_tokens), n, sampling, max_tokens, stop, stop_token_ids)
+        outs, timings = self.sample_groups([group], cancel, on_step)
+        return outs[0], timings
+
+    def sample_groups(self, groups: Sequence[SampleGroup], cancel=None, on_step: Callable[[int], None] | None = None
+                      ) -> tuple[list[list[list[int]]], Timings]:
+        """The sequences of every group decoded together, so the wall time is about that of the
+        longest sequence rather than a sum over groups (``localcoder.checked``: candidates and
+        test-writing sequences in one call).
+
+        In a context of its own (unified KV cache): the prompts' common token prefix is evaluated once
+        on sequence 0 (group 0's first; its cells from the previous call are reused), copied to the
+        first sequence of every other group (``llama_memory_seq_cp``, positions ``[0, c)``), each
+        group's first sequence evaluates the rest of its prompt, and its cells are shared with the
+        group's other sequences. Each step is then one ``llama_decode`` of a batch holding the next
+        token of every live sequence of every group. Sequence i of a group samples with seed
+        ``sampling.seed + i``; ``stop(i, tokens)`` ends it (its last token kept), so do a stop token
+        (not kept) and the group's ``max_tokens``; ``cancel`` (a CancelToken) stops all between steps;
+        ``on_step(live)`` reports progress. Afterwards only group 0's prompt stays cached. Returns the
+        token lists per group and timings: ``prompt_n`` counts each group's prompt once, ``cached_n``
+        the part of them not evaluated (reused from the previous call or shared with group 0)."""
         from localcoder.engines.base import Stopwatch
-        from localcoder.engines.sampling import sample_token
 
-        check_request(GenerationRequest(list(prompt_tokens), max_tokens), self.n_ctx)
-        if not 1 <= n <= self._lib.llama_max_parallel_sequences():
-            raise InvalidRequest(f"n must be 1..{self._lib.llama_max_parallel_sequences()}, got {n}", param="candidates")
+        n_total = self._check_groups(groups)
         lib, timings = self._lib, Timings()
-        ctx, batch, mem, record = self._many_context(n, len(prompt_tokens) + n * max_tokens)
-        keep = min(common_prefix_len(record, prompt_tokens), len(prompt_tokens) - 1)
-        for s in range(1, n):
+        cells = sum(len(g.prompt) + g.n * g.max_tokens for g in groups)
+        ctx, batch, mem, record = self._many_context(n_total, cells)
+        first = [sum(g.n for g in groups[:k]) for k in range(len(groups))]  # each group's first sequence
+        p0 = list(groups[0].prompt)
+        shared = min([common_prefix_len(p0, g.prompt) for g in groups] + [len(g.prompt) - 1 for g in groups])
+        keep = min(common_prefix_len(record, p0), len(p0) - 1)
+        for s in range(1, n_total):
             lib.llama_memory_seq_rm(mem, s, -1, -1)
         lib.llama_memory_seq_rm(mem, 0, keep, -1)
         del record[keep:]
-        timings.prompt_n, timings.cached_n = len(prompt_tokens), keep
-        clock = Stopwatch()
-        b = batch.batch
-
-        def decode(entries: list[tuple[int, int, int]]) -> None:  # (token, pos, seq)
-            b.n_tokens = len(entries)
-            for j, (tok, pos, seq) in enumerate(entries):
-                b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, pos, 1, True
-                b.seq_id[j][0] = seq
-            if lib.llama_decode(ctx.ctx, b) != 0:
-                raise RuntimeError("llama_decode failed in sample_many")
-
-        def row(j: int) -> np.ndarray:
-            return np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ctx, j), shape=(self._n_vocab,)).copy()
-
+        timings.prompt_n = sum(len(g.prompt) for g in groups)
+        timings.cached_n = keep + shared * (len(groups) - 1)
+        evaluate = self._many_evaluator(ctx, batch, max(self.n_batch, n_total))
         try:
-            for i in range(keep, len(prompt_tokens), self.n_batch):
-                if cancel is not None and cancel.cancelled:
-                    timings.cancelled = True
-                    return [[] for _ in range(n)], timings
-                chunk = prompt_tokens[i: i + self.n_batch]
-                b.n_tokens = len(chunk)
-                for j, tok in enumerate(chunk):
-                    b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, i + j, 1, False
-                    b.seq_id[j][0] = 0
-                b.logits[len(chunk) - 1] = True
-                if lib.llama_decode(ctx.ctx, b) != 0:
-                    raise RuntimeError("llama_decode failed in sample_many (prompt)")
-                record.extend(chunk)
-            first = row(b.n_tokens - 1)  # the last prompt token's logits start every sequence
-            timings.prompt_ms = clock.ms()
-            for s in range(1, n):
-                lib.llama_memory_seq_cp(mem, 0, s, -1, -1)
-            rngs = [np.random.default_rng(sampling.seed + i) for i in range(n)]
-            out: list[list[int]] = [[] for _ in range(n)]
-            rows = {i: first for i in range(n)}
             clock = Stopwatch()
-            p0 = len(prompt_tokens)
-            for step in range(max_tokens):
-                if cancel is not None and cancel.cancelled:
-                    timings.cancelled = True
-                    break
-                entries = []
-                for i, logits in rows.items():
-                    tok = sample_token(logits, sampling, rngs[i])
-                    timings.predicted_n += 1
-                    if tok in stop_token_ids:
-                        continue
-                    out[i].append(tok)
-                    if step + 1 < max_tokens and not (stop is not None and stop(i, out[i])):
-                        entries.append((tok, p0 + step, i))
-                if not entries:
-                    break
-                decode(entries)
-                rows = {seq: row(j) for j, (_, _, seq) in enumerate(entries)}
-                if on_step is not None:
-                    on_step(len(entries))
+            rows = evaluate([(t, keep + j, 0) for j, t in enumerate(p0[keep:])], cancel)
+            if rows is not None:
+                record.extend(p0[keep:])
+                for k in range(1, len(groups)):
+                    lib.llama_memory_seq_cp(mem, 0, first[k], 0, shared)
+                rest = [(t, shared + j, first[k]) for k in range(1, len(groups))
+                        for j, t in enumerate(groups[k].prompt[shared:])]
+                more = evaluate(rest, cancel)
+                rows = None if more is None else rows | more
+            if rows is None:
+                timings.cancelled = True
+                return [[[] for _ in range(g.n)] for g in groups], timings
+            for k, g in enumerate(groups):
+                for s in range(first[k] + 1, first[k] + g.n):
+                    lib.llama_memory_seq_cp(mem, first[k], s, -1, -1)
+            timings.prompt_ms = clock.ms()
+            clock = Stopwatch()
+            outs = self._decode_groups(groups, first, rows, evaluate, timings, cancel, on_step)
             timings.predicted_ms = clock.ms()
-            return out, timings
+            return outs, timings
         except BaseException:
             lib.llama_memory_clear(mem, True)
             record.clear()
             raise
-        finally:  # keep only the evaluated prompt (sequence 0) for the next call's prefix reuse
-            for s in range(1, n):
+        finally:  # keep only group 0's evaluated prompt (sequence 0) for the next call's prefix reuse
+            for s in range(1, n_total):
                 lib.llama_memory_seq_rm(mem, s, -1, -1)
             lib.llama_memory_seq_rm(mem, 0, len(record), -1)
 
+    def _check_groups(self, groups: Sequence[SampleGroup]) -> int:
+        """Validate ``sample_groups``'s groups; the number of sequences in all."""
+        if not groups:
+            raise InvalidRequest("sample_groups needs at least one group", param="candidates")
+        for g in groups:
+            check_request(GenerationRequest(list(g.prompt), g.max_tokens), self.n_ctx)
+        most, total = self._lib.llama_max_parallel_sequences(), sum(g.n for g in groups)
+        if any(g.n < 1 for g in groups) or total > most:
+            raise InvalidRequest(f"n must be 1..{most} (all groups together), got {[g.n for g in groups]}",
+                                 param="candidates")
+        return total
+
+    def _many_evaluator(self, ctx, batch, cap: int) -> Callable[..., dict[int, np.ndarray] | None]:
+        """``evaluate(entries, cancel=None)``: decode ``(token, pos, seq)`` entries in batches of at
+        most ``cap``; returns each sequence's logits at its last entry (copied: the next decode
+        overwrites llama.cpp's buffer), or None when ``cancel`` fired between batches."""
+        lib, b = self._lib, batch.batch
+
+        def evaluate(entries: list[tuple[int, int, int]], cancel=None) -> dict[int, np.ndarray] | None:
+            last = {seq: j for j, (_, _, seq) in enumerate(entries)}
+            wanted = set(last.values())
+            rows: dict[int, np.ndarray] = {}
+            for start in range(0, len(entries), cap):
+                if cancel is not None and cancel.cancelled:
+                    return None
+                chunk = entries[start: start + cap]
+                b.n_tokens = len(chunk)
+                for j, (tok, pos, seq) in enumerate(chunk):
+                    b.token[j], b.pos[j], b.n_seq_id[j] = tok, pos, 1
+                    b.logits[j] = start + j in wanted or j == len(chunk) - 1  # every batch has an output
+                    b.seq_id[j][0] = seq
+                if lib.llama_decode(ctx.ctx, b) != 0:
+                    raise RuntimeError("llama_decode failed in sample_groups")
+                for j, (_, _, seq) in enumerate(chunk):
+                    if start + j in wanted:
+                        ptr = lib.llama_get_logits_ith(ctx.ctx, j)
+                        rows[seq] = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+            return rows
+
+        return evaluate
+
+    def _decode_groups(self, groups: Sequence[SampleGroup], first: list[int], rows: dict[int, np.ndarray],
+                       evaluate, timings: Timings, cancel, on_step) -> list[list[list[int]]]:
+        """The step loop of ``sample_groups``: ``rows`` holds each group's first-token logits (by its
+        first sequence); every step samples one token per live sequence and decodes them in one batch
+        at position (the group's prompt length + step)."""
+        from localcoder.engines.sampling import sample_token
+
+        owner = [(k, i) for k, g in enumerate(groups) for i in range(g.n)]  # sequence -> (group, index in it)
+        rngs = [np.random.default_rng(groups[k].sampling.seed + i) for k, i in owner]
+        out: list[list[int]] = [[] for _ in owner]
+        live = {s: rows[first[k]] for s, (k, _) in enumerate(owner) if groups[k].max_tokens > 0}
+        for step in range(max(g.max_tokens for g in groups)):
+            if cancel is not None and cancel.cancelled:
+                timings.cancelled = True
+                break
+            entries = []
+            for s, logits in live.items():
+                k, i = owner[s]
+                g = groups[k]
+                tok = sample_token(logits, g.sampling, rngs[s])
+                timings.predicted_n += 1
+                if tok in g.stop_token_ids:
+                    continue
+                out[s].append(tok)
+                if step + 1 < g.max_tokens and not (g.stop is not None and g.stop(i, out[s])):
+                    entries.append((tok, len(g.prompt) + step, s))
+            if not entries:
+                break
+            live = evaluate(entries)
+            if on_step is not None:
+                on_step(len(entries))
+        return [out[first[k]: first[k] + g.n] for k, g in enumerate(groups)]
+
     def _many_context(self, n: int, cells: int):
-        """The context ``sample_many`` decodes in: ``n`` sequences over one unified KV cache of at least
+        """The context ``sample_groups`` decodes in: ``n`` sequences over one unified KV cache of at least
         ``cells`` cells (rebuilt only when a call needs more), with this engine's LoRA adapter."""
         have = getattr(self, "_many", None)
         if have is not None and have[0] >= n and have[1] >= cells:

@@ -86,6 +86,29 @@ def test_the_candidate_the_tests_agree_on_ranks_first_with_its_evidence():
     json.dumps(ev)  # the evidence is plain JSON
 
 
+def test_grouped_sampling_without_a_batched_engine_equals_one_call_per_group():
+    """Engines without ``sample_groups`` (fake, torch, onnx, remote): the groups are sampled request
+    by request, each with its own sampling, stop and max_tokens, exactly as if sampled alone."""
+    from localcoder.checked import sample_groups
+    from localcoder.engines.base import Sampling
+    from localcoder.engines.base import SampleGroup
+
+    engine = ScriptedEngine([GOOD, WRONG, "    return a * b\n"], TESTS)
+    tok = engine.tokenizer
+    cands = SampleGroup(tok.tokenize(SOURCE), 3, Sampling(0.8, 40, 0.95, 4), 64,
+                        lambda i, toks: tok.decode(toks).endswith("\n"))
+    tests = SampleGroup(tok.tokenize(SOURCE + "# check the correctness of add\nassert add("), 2,
+                        Sampling(0.2, 40, 0.9, 1000), 6, lambda i, toks: len(toks) >= 4 + 3 * i)
+    done: list[tuple[int, int]] = []
+    outs, _, batched = sample_groups(engine, [cands, tests], CancelToken(), lambda k, n: done.append((k, n)))
+    alone = [sample_groups(engine, [g], CancelToken())[0][0] for g in (cands, tests)]
+    assert not batched and outs == alone
+    # seeds 4, 5, 6 pick scripted candidates 1, 2, 0; the tests' seeds 1000, 1001 pick TESTS[0], TESTS[1]
+    assert [tok.decode(t) for t in outs[0]] == [WRONG, "    return a * b\n", GOOD]
+    assert [tok.decode(t) for t in outs[1]] == ["1, 2", "1,\nass"]  # its own stop, then its max_tokens
+    assert done == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
+
+
 def test_codet_score_is_group_size_times_tests_passed():
     tests = [Test("a", "generated", "assert 1"), Test("b", "generated", "assert 1"), Test("c", "generated", "assert 1")]
     p = "passed"
