@@ -62,10 +62,11 @@ class BenchConfig:
     llama_server: str = ""  # llama-server binary for the editor replay ("" = find it; "off" = skip it)
     editor_file_b: str = ""  # second file of the two-files replay (default: the stdlib's shlex.py)
     editor_chars: int = 160
-    # the editor replay's "before": serve flags of a second localcoder (default config + these flags) in the
-    # same interleaved run, e.g. "--adapter off" (plain PSM); "" = none
-    editor_baseline: str = ""
+    # the editor replay's "before" or variants: serve flags of more localcoder servers (default config + these
+    # flags each) in the same interleaved run, e.g. "--adapter off" (plain PSM), "--draft-model NAME"
+    editor_baseline: tuple[str, ...] = ()
     editor_lsp: bool = True  # the editor replay also types through `localcoder lsp` (default config, stdio)
+    editor_workloads: str = "after-jump,mid-file,end-of-file,two-files"  # which editor-replay workloads to run
     editor_jumps: int = 4  # vim:after-jump: cursor jumps, each a warm-up, a rest and one keystroke (0 = skip)
     editor_jump_pause_s: float = 5.0  # how long the user rests after a jump before typing
     # formats: --model and these artifacts (LABEL=PATH: GGUF, ONNX dir, HF dir) in-process, interleaved
@@ -84,6 +85,8 @@ class Sample:
     generated_tokens: int
     text: str
     decode_ms: float | None = None
+    typed_through: bool = False  # the server answered from the suggestion being typed into (no model call)
+    client_hit: bool = False  # llama.vim's own completion cache would have answered without a request
 
 
 @dataclass
@@ -97,10 +100,16 @@ class WorkloadResult:
         prompt = sum(s.prompt_tokens for s in self.samples)
         gen = sum(s.generated_tokens for s in self.samples)
         decode_ms = [s.decode_ms for s in self.samples if s.decode_ms]
+        # what a llama.vim user sees: its client cache answers some keystrokes itself (debounce only)
+        with_client = [debounce_ms if s.client_hit else s.latency_ms + debounce_ms for s in self.samples]
         return {
             "n": len(lat),
             "p50_ms": round(percentile(lat, 50), 1),
             "p95_ms": round(percentile(lat, 95), 1),
+            "typed_through": sum(s.typed_through for s in self.samples),
+            "client_cache_hits": sum(s.client_hit for s in self.samples),
+            "p50_with_client_cache_ms": round(percentile(with_client, 50), 1),
+            "p95_with_client_cache_ms": round(percentile(with_client, 95), 1),
             "mean_ms": round(statistics.fmean(lat), 1) if lat else 0.0,
             "prompt_tokens_mean": round(prompt / max(1, len(lat)), 1),
             "evaluated_tokens_mean": round((prompt - sum(s.cached_tokens for s in self.samples)) / max(1, len(lat)), 1),
@@ -181,17 +190,28 @@ def free_port() -> int:
 
 @contextmanager
 def serving(cmd: list[str], url: str, probe: str, timeout_s: float = 300, env: dict | None = None) -> Iterator[str]:
-    """Start a server process, wait until ``probe`` answers 200, stop it afterwards."""
+    """Start a server process, wait until ``probe`` answers 200, stop it afterwards. Its stderr goes to a
+    temporary file, not a pipe: llama-server logs every request, and an undrained pipe filled up after ~490
+    requests of the editor replay and blocked it mid-request (the bench then waited on it forever)."""
+    import tempfile
+
     from localcoder.models import TIED_TO_PARENT
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    log = tempfile.TemporaryFile(mode="w+", prefix="localcoder-bench-server-")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
                             env={**os.environ, **(env or {})},  # a killed bench leaves no server behind
                             preexec_fn=TIED_TO_PARENT)
+
+    def tail() -> str:
+        log.flush()
+        log.seek(0)
+        return log.read()[-2000:]
+
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+                raise RuntimeError(f"{cmd[:4]} exited: {tail()}")
             try:
                 if httpx.get(url + probe, timeout=2).status_code == 200:
                     break
@@ -207,6 +227,7 @@ def serving(cmd: list[str], url: str, probe: str, timeout_s: float = 300, env: d
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def localcoder_cmd(cfg: BenchConfig, port: int) -> list[str]:
@@ -380,7 +401,14 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
     workloads = ed.editor_workloads(cfg.typing_file or str(default_typing_file()),
                                     cfg.editor_file_b or str(Path(os.__file__).parent / "shlex.py"),
                                     cfg.editor_chars, cfg.max_tokens, cfg.editor_jumps)
-    n = sum(len(r) for r in workloads.values()) * (1 + bool(binary) + bool(cfg.editor_baseline) + cfg.editor_lsp)
+    wanted = {f"vim:{w.strip()}" for w in cfg.editor_workloads.split(",") if w.strip()}
+    unknown = wanted - {"vim:after-jump", "vim:mid-file", "vim:end-of-file", "vim:two-files"}
+    if unknown:
+        from localcoder.errors import InvalidRequest
+
+        raise InvalidRequest(f"unknown editor workloads: {', '.join(sorted(unknown))}", param="editor_workloads")
+    workloads = {k: v for k, v in workloads.items() if k in wanted}
+    n = sum(len(r) for r in workloads.values()) * (1 + bool(binary) + len(cfg.editor_baseline) + cfg.editor_lsp)
     bar = tqdm(total=n, desc="editor replay", unit="req", file=sys.stderr, disable=not progress)
     with ExitStack() as stack:
         port = free_port()
@@ -388,11 +416,10 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
                "--port", str(port), "--log-level", "warning"]
         targets = [ed.InfillTarget("localcoder", stack.enter_context(
             serving(cmd, f"http://127.0.0.1:{port}", "/health")))]
-        if cfg.editor_baseline:  # the same server with some flags changed: the "before" of a speed change
+        for flags in cfg.editor_baseline:  # the same server with some flags changed: a "before", a variant
             port = free_port()
-            base = [*cmd[:cmd.index("--port") + 1], str(port), *cmd[cmd.index("--port") + 2:],
-                    *shlex.split(cfg.editor_baseline)]
-            targets.append(ed.InfillTarget(f"localcoder {cfg.editor_baseline}", stack.enter_context(
+            base = [*cmd[:cmd.index("--port") + 1], str(port), *cmd[cmd.index("--port") + 2:], *shlex.split(flags)]
+            targets.append(ed.InfillTarget(f"localcoder {flags}", stack.enter_context(
                 serving(base, f"http://127.0.0.1:{port}", "/health"))))
         if cfg.editor_lsp:  # the same keystrokes through the language server (in-process engine)
             # default config; only the token cap equals the bodies' n_predict, which the HTTP targets get
@@ -450,7 +477,8 @@ def report(cfg: BenchConfig, results: list[WorkloadResult], bound: dict[str, Any
         if "localcoder" in by_target and peer_name:
             ours, peer = by_target["localcoder"], by_target[peer_name]
             ratios[workload] = {"peer": peer_name,
-                                **{k: round(ours[k] / peer[k], 3) if peer[k] else None for k in ("p50_ms", "p95_ms")}}
+                                **{k: round(ours[k] / peer[k], 3) if peer[k] else None
+                                   for k in ("p50_ms", "p95_ms", "p50_with_client_cache_ms")}}
     # the first completion after a jump (warm-up, rest, one keystroke) against a warm keystroke mid-file
     jump = {t: round(s["p50_ms"] / rows["vim:mid-file"][t]["p50_ms"], 3)
             for t, s in rows.get("vim:after-jump", {}).items() if rows.get("vim:mid-file", {}).get(t, {}).get("p50_ms")}
@@ -479,6 +507,19 @@ def markdown(report_: dict[str, Any]) -> str:
         lines += ["", f"Physical bound: read bandwidth {b['read_bandwidth_gbs']} GB/s ({b['threads']} threads) ÷ "
                   f"{bt['total'] / 1e6:.0f} MB read per token (output head {bt['output_head'] / 1e6:.0f} MB, "
                   f"{b['output_head_share']:.0%}) = **{b['decode_tok_per_s_bound']} tok/s** decode at most."]
+    editor = {(w, t): s for w, by in report_["results"].items() if w.startswith("vim:") for t, s in by.items()
+              if "p50_with_client_cache_ms" in s and s.get("prompt_tokens_mean")}
+    if editor:
+        lines += ["", "The same editor-replay requests as a llama.vim user sees them: llama.vim answers a keystroke "
+                  "from its own completion cache when the text typed since a cached request (on the cursor line, "
+                  "≤ 128 characters) is the start of that request's suggestion; those keystrokes cost the debounce "
+                  "only, for every server. `typed through` counts the requests localcoder itself answered from the "
+                  "suggestion being typed into (no model call), which every client gets.", "",
+                  "| workload | target | client cache hits | typed through (server) | p50 ms | p95 ms | "
+                  "p50 with llama.vim's cache | p95 with it |", "|---|---|---|---|---|---|---|---|"]
+        for (w, t), s in editor.items():
+            lines.append(f"| {w} | {t} | {s['client_cache_hits']}/{s['n']} | {s['typed_through']} | {s['p50_ms']:.0f} | "
+                         f"{s['p95_ms']:.0f} | {s['p50_with_client_cache_ms']:.0f} | {s['p95_with_client_cache_ms']:.0f} |")
     if report_.get("after_jump_over_mid_file_p50"):
         lines += ["", "First completion after a jump (warm-up, " f"{report_['config']['editor_jump_pause_s']:g} s rest, "
                   "one keystroke) over a warm mid-file keystroke, p50: " + ", ".join(

@@ -122,24 +122,60 @@ def extra_chunk(text: str, name: str, lines: int = 64) -> list[dict]:
 # ---- targets -------------------------------------------------------------------------------------
 
 
+class VimCache:
+    """llama.vim's client-side completion cache, as its users get it: a keystroke whose cursor line extends a
+    cached request's by up to 128 typed characters (same lines above and below) that the cached suggestion
+    starts with is answered from the cache, without a request. The bench still sends every request (so each
+    server's own cache sees the same traffic) and marks the ones llama.vim would not have sent."""
+
+    LOOK_BACK = 128
+
+    def __init__(self, size: int = 250):  # llama.vim's max_cache_keys
+        self.size = size
+        self._seen: dict[tuple[str, str, str], str] = {}
+
+    def hit(self, body: dict) -> bool:
+        prompt = body.get("prompt", "")
+        for i in range(1, min(self.LOOK_BACK, len(prompt)) + 1):
+            content = self._seen.get((body["input_prefix"], prompt[:-i], body["input_suffix"]))
+            if content is not None and len(content) > i and content.startswith(prompt[-i:]):
+                return True
+        return False
+
+    def add(self, body: dict, content: str) -> None:
+        self._seen[(body["input_prefix"], body.get("prompt", ""), body["input_suffix"])] = content
+        while len(self._seen) > self.size:
+            self._seen.pop(next(iter(self._seen)))
+
+
 class InfillTarget:
     """Any server with llama.cpp's ``/infill`` (localcoder serve, llama-server)."""
 
     def __init__(self, name: str, url: str):
         self.name = name
         self.client = httpx.Client(base_url=url, timeout=600)
+        self.vim_cache = VimCache()
 
     def send(self, body: dict, file: str = "") -> Sample:
+        client_hit = body.get("n_predict") != 0 and self.vim_cache.hit(body)
         t0 = time.perf_counter()
         r = self.client.post("/infill", json=body)
         ms = (time.perf_counter() - t0) * 1000
         r.raise_for_status()
         d = r.json()
-        evaluated = int(d.get("timings/prompt_n", d.get("timings", {}).get("prompt_n", 0)) or 0)
+        timings = d.get("timings", {}) if isinstance(d.get("timings"), dict) else {}
+        evaluated = int(d.get("timings/prompt_n", timings.get("prompt_n", 0)) or 0)
         cached = int(d.get("tokens_cached", 0) or 0)
-        predicted = int(d.get("timings/predicted_n", d.get("timings", {}).get("predicted_n", 0)) or 0)
-        decode = d.get("timings/predicted_ms", d.get("timings", {}).get("predicted_ms"))
-        return Sample(ms, evaluated + cached, cached, predicted, str(d.get("content", "")), decode or None)
+        predicted = int(d.get("timings/predicted_n", timings.get("predicted_n", 0)) or 0)
+        decode = d.get("timings/predicted_ms", timings.get("predicted_ms"))
+        content = str(d.get("content", ""))
+        if body.get("n_predict") != 0:
+            self.vim_cache.add(body, content)
+        # typed through: reported in `timings`, or (llama.vim's response_fields leave it out) a non-empty answer
+        # for which nothing was evaluated, reused or decoded
+        reused = bool(timings.get("typed_through")) or (evaluated + cached == 0 and predicted == 0 and bool(content))
+        return Sample(ms, evaluated + cached, cached, predicted, content, decode or None,
+                      typed_through=reused, client_hit=client_hit)
 
     def warm(self, body: dict, file: str = "") -> None:
         """The warm-up at a new cursor position (llama-server answers after its prefill, localcoder at once

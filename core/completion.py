@@ -18,6 +18,7 @@ from localcoder.fim.context import Budget, fit
 from localcoder.fim.formats import FimFormat, Snippet, detect_format, get_format, resolve_order
 from localcoder.stops import StopRules, decide_mode
 from localcoder.text import clean
+from localcoder.typed import TypedThrough
 
 MAX_TOKENS_LIMIT = 4096
 
@@ -101,7 +102,8 @@ class CompletionStream:
 
 class Completer:
     def __init__(self, engine: Engine, fmt: FimFormat | str | None = None, budget: Budget | None = None,
-                 order: str = "auto", *, token_healing: bool = True, model_orders: tuple[str, ...] = ()):
+                 order: str = "auto", *, token_healing: bool = True, model_orders: tuple[str, ...] = (),
+                 typed_through: bool = False):
         self.engine = engine
         self.fmt = get_format(fmt) if isinstance(fmt, str) and fmt != "auto" else (
             fmt if isinstance(fmt, FimFormat) else None)
@@ -109,6 +111,7 @@ class Completer:
         self._order = order
         self.token_healing = token_healing  # CompletionConfig.token_healing (localcoder.fim.healing)
         self.model_orders = model_orders  # FIM orders the model declares besides its format's (an adapter's)
+        self.typed = TypedThrough() if typed_through else None  # CompletionConfig.typed_through (localcoder.typed)
 
     @property
     def format(self) -> FimFormat:
@@ -133,7 +136,8 @@ class Completer:
         # orders the model was taught (a layout adapter's first, then a distilled student's), preferred by auto
         orders = (*getattr(engine, "declared_orders", ()), *model.meta.get("orders", ()))
         return cls(engine, None if fmt == "auto" else fmt, Budget.from_config(cfg.completion), cfg.model.fim_order,
-                   token_healing=cfg.completion.token_healing, model_orders=tuple(dict.fromkeys(orders)))
+                   token_healing=cfg.completion.token_healing, model_orders=tuple(dict.fromkeys(orders)),
+                   typed_through=cfg.completion.typed_through)
 
     # ---- prompts -------------------------------------------------------------------------------
     def prompt(self, req: InfillRequest) -> tuple[list[int], bool]:
@@ -163,6 +167,11 @@ class Completer:
 
             return checked_stream(self, req, cancel)  # type: ignore[arg-type]
         req.validate()
+        shown = self.typed.lookup(req) if self.typed is not None and req.max_tokens > 0 else None
+        if shown is not None:  # the user typed the start of the last suggestion: the rest of it, no model call
+            holder = CompletionStream(iter((shown.text,)))
+            holder.result = CompletionResult(shown.text, shown.stop_type, shown.mode, Timings(reused=True), False, 0)
+            return holder
         mode = decide_mode(req.prefix, req.suffix) if req.mode == "auto" else req.mode
         rules = StopRules(mode, req.prefix, req.suffix, tuple(req.stop), req.indent)
         ids, truncated = self.prompt(req)
@@ -170,7 +179,7 @@ class Completer:
                                 stop_token_ids=self.format.stop_ids(self.engine.tokenizer),
                                 cancel=cancel or CancelToken(), cache_prompt=req.cache_prompt, heal=ids.heal)
         holder = CompletionStream(iter(()))
-        holder._run = self._drive(gen, rules, mode, truncated, req.time_budget_ms, holder)
+        holder._run = self._drive(gen, rules, mode, truncated, req.time_budget_ms, holder, req)
         return holder
 
     def complete(self, req: InfillRequest, cancel: CancelToken | None = None) -> CompletionResult:
@@ -181,7 +190,7 @@ class Completer:
         return s.result
 
     def _drive(self, gen: GenerationRequest, rules: StopRules, mode: str, truncated: bool,
-               budget_ms: int, holder: CompletionStream) -> Iterator[str]:
+               budget_ms: int, holder: CompletionStream, req: InfillRequest) -> Iterator[str]:
         tok = self.engine.tokenizer
         skip = len(gen.heal.text) if gen.heal is not None else 0  # healed bytes: typed already, not inserted
         stream = self.engine.generate(gen)
@@ -220,8 +229,13 @@ class Completer:
         if final.startswith(shown) and len(final) > len(shown):
             yield final[len(shown):]
         holder.result = CompletionResult(final, stop_type, mode, stream.timings, truncated, len(gen.tokens))
+        if self.typed is not None:
+            self.typed.store(req, final, stop_type, mode)
 
 
 def completer_for(engine: Engine, fim_format: str = "auto", fim_order: str = "auto",
                   budget: Budget | None = None) -> Completer:
-    return Completer(engine, None if fim_format == "auto" else fim_format, budget, fim_order)
+    """A Completer for a loaded engine; ``auto`` takes the order the model itself declares (an adapter's,
+    a distilled student's GGUF metadata or ``localcoder.json``)."""
+    return Completer(engine, None if fim_format == "auto" else fim_format, budget, fim_order,
+                     model_orders=tuple(getattr(engine, "declared_orders", ())))

@@ -72,6 +72,8 @@ class CompletionConfig:
     extra_tokens: int = field(default=512, metadata={"help": "token budget for other files' snippets"})
     token_healing: bool = field(default=True, metadata={
         "help": "back off the token the cursor may split and make the first new tokens spell it"})
+    typed_through: bool = field(default=True, metadata={
+        "help": "when the user types the start of the last suggestion, answer with the rest of it without the model"})
 
 
 @dataclass

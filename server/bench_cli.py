@@ -33,6 +33,9 @@ _FLAGS = {
     "api_key": {"help": "key for --url"},
     "workloads": {"help": "comma-separated: cold, typing, editor (llama.vim's bodies vs llama-server), formats "
                           "(--model and --formats side by side in-process: prefill, decode, bandwidth bound)"},
+    "editor_baseline": {"action": "append", "nargs": None, "metavar": "FLAGS",
+                        "help": "editor replay: one more `localcoder serve` with these flags added to the default "
+                                "config, interleaved with the others (repeatable: a before/after, several drafts)"},
     "formats": {"metavar": "LABEL=PATH", "help": "formats workload: more artifacts of the model (GGUF file, ONNX "
                                                  "export dir, HF dir) measured next to --model, interleaved"},
 }

@@ -70,6 +70,7 @@ class Timings:
     draft_n: int = 0  # speculative decoding: drafted tokens verified by the target
     draft_accepted_n: int = 0  # of those, accepted (equal to the target's own choice)
     target_forwards: int = 0  # target forwards during speculative decoding (tokens per forward)
+    reused: bool = False  # answered from the suggestion the user typed into, without the model (localcoder.typed)
 
     @property
     def evaluated_n(self) -> int:
@@ -91,6 +92,7 @@ class Timings:
             "draft_n_accepted": self.draft_accepted_n,
             "tokens_per_forward": round((self.predicted_n - 1) / self.target_forwards, 3)
             if self.target_forwards else 0.0,
+            "typed_through": self.reused,
         }
 
 

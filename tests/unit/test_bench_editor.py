@@ -102,3 +102,17 @@ def test_lsp_and_http_targets_warm_up_at_a_jump(monkeypatch, tmp_path):
     warmed = sum(float(v) for v in re.findall(r"^localcoder_background_prefills(?:_cancelled)?_total(?:\{[^}]*\})? (\S+)$",
                                               health, re.M))
     assert warmed == 2, health  # and one n_predict 0 warm-up per jump on the HTTP server
+
+
+def test_the_llama_vim_client_cache_answers_a_keystroke_that_types_into_its_suggestion():
+    from localcoder.bench_editor import VimCache
+
+    cache = VimCache()
+    body = {"input_prefix": "def f(x):\n", "prompt": "    return ", "input_suffix": "\n"}
+    cache.add(body, "x * 2")
+    typed = dict(body, prompt="    return x ")
+    assert cache.hit(typed)  # "x " starts the cached suggestion
+    assert not cache.hit(dict(body, prompt="    return y"))  # departs from it
+    assert not cache.hit(dict(body, prompt="    return x * 2"))  # nothing left to show
+    assert not cache.hit(dict(typed, input_suffix="\nmore\n"))  # another context below
+    assert not cache.hit(dict(typed, input_prefix="# edit\ndef f(x):\n"))  # another context above
