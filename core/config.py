@@ -24,7 +24,7 @@ FimOrder = Literal["auto", "psm", "spm", "spm2"]  # auto: the model's trained or
 Engine = Literal["auto", "llama", "torch", "onnx", "fake", "remote"]
 Device = Literal["auto", "cpu", "cuda"]
 Quantization = Literal["none", "int8", "nf4"]
-Speculation = Literal["off", "lookup", "draft"]
+Speculation = Literal["auto", "off", "lookup", "draft"]
 
 
 def check_mode(mode: Any) -> str:
@@ -50,9 +50,13 @@ class ModelConfig:
         "help": "llama.cpp LoRA adapter: auto (the layout adapter shipped for the model, if any) | off | a .gguf path"})
     cache_slots: int = field(default=3, metadata={
         "help": "llama.cpp: KV-cache slots (sequences of one context, ctx tokens each; files switch without re-reading)"})
-    speculation: Speculation = field(default="off", metadata={
-        "help": "llama.cpp greedy speculative decoding: off | lookup (n-grams of the prompt) | draft (draft_model)"})
-    draft_model: str = field(default="", metadata={"help": "speculation = draft: a smaller model with the same tokenizer"})
+    speculation: Speculation = field(default="auto", metadata={
+        "help": "llama.cpp greedy speculative decoding: auto (draft when a draft model is given, else off) | off | "
+                "lookup (n-grams of the prompt) | draft (draft_model)"})
+    draft_model: str = field(default="", metadata={
+        "help": "a smaller model with the target's tokenizer that drafts tokens the target verifies (the output "
+                "stays the target's own greedy output); e.g. one `localcoder distill --preset draft` made",
+        "cli": {"flags": ("--draft-model", "--draft")}})
     engine_url: str = field(default="", metadata={
         "help": "engine = remote: base URL of a vLLM / llama-server OpenAI-style server (http://host:port)"})
     engine_api_key: str = field(default="", metadata={"help": "engine = remote: Bearer token the remote server needs"})

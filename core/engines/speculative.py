@@ -24,7 +24,7 @@ import numpy as np
 if TYPE_CHECKING:
     from localcoder.engines.base import GenerationRequest, Timings
 
-SPECULATION = ("off", "lookup", "draft")
+SPECULATION = ("auto", "off", "lookup", "draft")
 
 
 class Drafter(Protocol):
@@ -172,11 +172,13 @@ def decode(request: "GenerationRequest", timings: "Timings", logits: np.ndarray,
 
 def build_drafter(kind: str, draft_model: str, load: Callable[[str], object]) -> Drafter | None:
     """The drafter a config asks for: ``off`` none, ``lookup`` a PromptLookup, ``draft`` a DraftModel on
-    the engine ``load(draft_model)`` returns."""
+    the engine ``load(draft_model)`` returns; ``auto`` is ``draft`` when a draft model is named, else ``off``."""
     from localcoder.errors import InvalidRequest
 
     if kind not in SPECULATION:
         raise InvalidRequest(f"speculation must be one of {SPECULATION}, got {kind!r}", param="speculation")
+    if kind == "auto":  # a draft model given is a request to draft with it
+        kind = "draft" if draft_model else "off"
     if kind == "off":
         return None
     if kind == "lookup":
