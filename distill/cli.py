@@ -65,7 +65,28 @@ def run(args: argparse.Namespace) -> int:
             adapter = export_adapter(cfg, result.out)
             print(f"adapter: {adapter.path} ({adapter.size / 1e6:.1f} MB, {cfg.fim_order} order; "
                   f"serve it with --model {cfg.student} --adapter {adapter.path})")
+        if cfg.export_gguf:
+            return publish_ggufs(cfg, result, progress=not args.quiet)
     return 0
+
+
+def publish_ggufs(cfg, result, *, progress: bool) -> int:
+    """The merged student as GGUF files through `localcoder quantize` (gate + registration), then the
+    run's estimate against what each stage took. Exit 1 when a gate failed (that file is not registered)."""
+    from localcoder.distill.plan import Stages
+    from localcoder.distill.publish import publish
+
+    stages = Stages(result.out)
+    with stages.stage("publish"):
+        done = publish(cfg, result.out, result.model_dir, threads=cfg.threads, progress=progress)
+    for p in done:
+        verdict = "gate passed, registered" if p.passed else "gate FAILED: kept, not registered"
+        print(f"gguf {p.type}: {p.path} ({verdict}; serve it with `localcoder serve --model {p.name}`)")
+    table = stages.compare()
+    print(table)
+    with open(result.out / "report.md", "a", encoding="utf-8") as fh:
+        fh.write(f"\n## Time: estimate (printed at the start) vs actual\n\n{table}\n")
+    return 0 if all(p.passed for p in done) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,17 @@ class DistillConfig:
     teacher: str = "qwen2.5-coder-0.5b"  # name, path or hub id of the teacher
     student: str = ""  # an HF model sharing the teacher's tokenizer (init c); empty: prune the teacher
     student_layers: int = 12  # blocks kept when pruning the teacher (init a)
+    # prune this model to --student-layers instead of the teacher (same tokenizer): a draft cut from the 0.5B
+    # learning the 1.5B's distribution (the draft preset); empty: the teacher is pruned
+    prune_from: str = ""
     layer_selection: str = "importance"  # importance | uniform
     heads_keep: float = 1.0  # width pruning (init b): fraction of query heads kept per KV group
     mlp_keep: float = 1.0  # width pruning (init b): fraction of MLP channels kept
     freeze_embeddings: bool = True  # keep embeddings and lm_head frozen (V x H each)
     lora_rank: int = 0  # >0: train LoRA adapters (peft) instead of the blocks; merged on export
+    # start the LoRA from a GGUF LoRA adapter of the same rank (auto: the layout adapter shipped for the student,
+    # which already reads the append-only order); empty: from zero
+    init_adapter: str = ""
     # ---- data
     data: list[str] = field(default_factory=list)  # corpus directories (default: the stdlib source)
     out: str = "runs/student"
@@ -37,6 +43,7 @@ class DistillConfig:
     test_fraction: float = 0.05
     max_train_files: int = 0  # 0 = all; a cap bounds tokenization time on big corpora
     train_rows: int = 0  # 0 = all; else train on the first N packed rows (epochs cycle over them)
+    min_train_rows: int = 1  # refuse a corpus whose training split packs into fewer rows (it would learn its noise)
     seq_len: int = 256
     fim_rate: float = 0.9
     fim_order: str = "psm"  # the student's order: psm | spm (cache-friendly; the teacher may read psm)
@@ -81,6 +88,10 @@ class DistillConfig:
     keep_checkpoints: int = 2
     log_every: int = 5
     register_as: str = ""  # name in `localcoder models` (default: the output directory's name)
+    # after training, quantize the merged model to these GGUF types through `localcoder quantize` (quality gate
+    # on the run's held-out files; each passing one registered as <name>-<type>), e.g. q8_0 q4_k_m; `adapter`: the
+    # student's own GGUF + the run's LoRA at run time (a LoRA run only), gated the same way, registered as <name>
+    export_gguf: list[str] = field(default_factory=list)
     preset: str = ""
 
     def check(self) -> None:
@@ -108,6 +119,12 @@ class DistillConfig:
             bad("parallel", f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.parallel == "fsdp" and (self.lora_rank or self.onpolicy_steps):
             bad("parallel", "--parallel fsdp does not combine with --lora-rank or --onpolicy-steps; use ddp")
+        if self.prune_from and self.student:
+            bad("prune_from", "--prune-from makes the student by pruning; it does not combine with --student")
+        if "adapter" in self.export_gguf and not self.lora_rank:
+            bad("export_gguf", "--export-gguf adapter publishes a LoRA run's adapter; give --lora-rank too")
+        if self.init_adapter and not self.lora_rank:
+            bad("init_adapter", "--init-adapter starts a LoRA run; give --lora-rank too")
         if self.onpolicy_steps and self.fim_order != self.teacher_order:
             bad("onpolicy_steps", "the on-policy phase needs the same FIM order for teacher and student")
 
@@ -134,6 +151,29 @@ PRESETS: dict[str, dict[str, Any]] = {
                    span_kinds=["cursor", "cursor", "line", "block", "char"], loss="fkl", alpha=0.1,
                    loss_positions="all", teacher_mode="cached", top_k=32, train_rows=80, seq_len=1024,
                    batch_size=2, steps=40, lr=3e-4, warmup_steps=4, val_every=20, val_rows=8, ckpt_every=10),
+    # a model adapted to the user's code (`localcoder distill --preset adapt --data ~/src/myrepo`): the packaged
+    # 1.5B reading PSM teaches the packaged 0.5B + LoRA reading the append-only `spm` order it will be served in,
+    # on the user's files (split by file; the held-out ones gate and evaluate it). The LoRA starts from the
+    # shipped layout adapter (the 0.5B already reads `spm`), so the steps go to the repository. The merged model
+    # is quantized to GGUF q8_0 and q4_k_m through the quality gate and registered: `make serve MODEL=<name>`.
+    # Budget: <= 90 min end to end on a 2-core laptop (docs/distill.md, "adapt").
+    "adapt": dict(teacher="qwen2.5-coder-1.5b", student="qwen2.5-coder-0.5b", init_adapter="auto", lora_rank=16,
+                  fim_order="spm", teacher_order="psm", fim_rate=1.0,
+                  span_kinds=["cursor", "cursor", "line", "block", "char"], loss="fkl", alpha=0.1,
+                  loss_positions="all", teacher_mode="cached", top_k=32, seq_len=1024, batch_size=2,
+                  train_rows=192, min_train_rows=16, steps=96, max_minutes=30, lr=2e-4, warmup_steps=4, val_every=16, val_rows=8,
+                  ckpt_every=8, export_gguf=["adapter", "q8_0", "q4_k_m"]),
+    # a draft for speculative decoding (`localcoder distill --preset draft --data ~/src/myrepo`): 6 of the 0.5B's
+    # 24 blocks (chosen by importance) learn the served 1.5B's next-token distribution (forward KL on its cached
+    # top-k, DistillSpec) on the user's files, in the 1.5B's served order (PSM). Same rows and teacher as the
+    # adapt preset, so a repository adapted first reuses its teacher cache. `serve --model qwen2.5-coder-1.5b
+    # --draft-model <name>-q4_k_m` verifies its drafts: the output is the 1.5B's own greedy output.
+    "draft": dict(teacher="qwen2.5-coder-1.5b", prune_from="qwen2.5-coder-0.5b", student_layers=6,
+                  fim_order="psm", teacher_order="psm", fim_rate=1.0,
+                  span_kinds=["cursor", "cursor", "line", "block", "char"], loss="fkl", alpha=0.1,
+                  loss_positions="all", teacher_mode="cached", top_k=32, seq_len=1024, batch_size=2,
+                  train_rows=192, min_train_rows=16, steps=400, max_minutes=25, lr=5e-4, warmup_steps=10,
+                  val_every=50, val_rows=8, ckpt_every=25, export_gguf=["q4_k_m"]),
     # one or more GPUs: longer sequences, bigger batches, online teacher, bf16 autocast.
     "gpu": dict(student_layers=12, seq_len=1024, batch_size=16, grad_accum=2, steps=3000, teacher_mode="online",
                 loss="fkl", alpha=0.1, loss_positions="all", lr=3e-4, warmup_steps=100, val_every=250,

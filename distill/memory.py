@@ -57,9 +57,15 @@ def check_fits(cfg: DistillConfig, teacher, student, *, world: int, sharded: boo
 
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     c = student.config
-    need = estimate_memory_gb(cfg, count_params(teacher), count_params(student), trainable, c.hidden_size,
-                              c.vocab_size, c.num_hidden_layers, teacher_resident=True, world=world,
-                              sharded=sharded)
+    t_params, s_params = count_params(teacher), count_params(student)
+    # with cached targets the teacher is freed before training: the peak is the larger of its top-k pass
+    # (both models' weights and one row's logits) and the training steps without it
+    resident = cfg.teacher_mode == "online" or cfg.onpolicy_steps > 0
+    need = estimate_memory_gb(cfg, t_params, s_params, trainable, c.hidden_size, c.vocab_size, c.num_hidden_layers,
+                              teacher_resident=resident, world=world, sharded=sharded)
+    if not resident:
+        need = max(need, (4 * (t_params + s_params) / (world if sharded else 1)
+                          + 4 * 3 * cfg.seq_len * c.vocab_size) / 2**30 * 1.15)
     # on CPU every local rank shares this host's memory; on CUDA each has its own device
     check_memory(cfg, need * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1), device)
     return need

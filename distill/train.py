@@ -13,6 +13,7 @@ init), losses.py, teacher.py (targets), evaluate.py, checkpoint.py (format, exac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,8 +37,9 @@ from localcoder.distill.config import DistillConfig
 from localcoder.distill.dedup import dedup
 from localcoder.distill.distributed import Dist, init_distributed, is_fsdp, shard_fsdp
 from localcoder.distill.fim_transform import FimSpec, Packed, build_split, tokenizer_hash
-from localcoder.distill.lora import with_lora
+from localcoder.distill.lora import adapter_path, load_adapter, with_lora
 from localcoder.distill.memory import autocast_dtype, check_fits, check_memory, estimate_memory_gb
+from localcoder.distill.plan import check_rows, plan
 from localcoder.distill.teacher import TopKCache, cache_dir_for, online_logits, onpolicy_rows
 from localcoder.errors import InvalidRequest
 
@@ -160,8 +162,9 @@ def build_student(cfg: DistillConfig, tdir: Path, calib: torch.Tensor, out: Path
                 m = resolve(cfg.student, pull_if_missing=True)
                 path = teacher_dir(cfg.student)[0] if m.kind == "gguf" else m.path
                 model, tok, init = students.given_student(path)
-            else:
-                model, tok, init = students.depth_pruned(tdir, cfg.student_layers, calib,
+            else:  # the teacher, or --prune-from's model, cut to --student-layers blocks
+                source = teacher_dir(cfg.prune_from)[0] if cfg.prune_from else tdir
+                model, tok, init = students.depth_pruned(source, cfg.student_layers, calib,
                                                          selection=cfg.layer_selection, heads_keep=cfg.heads_keep,
                                                          mlp_keep=cfg.mlp_keep)
             tmp = out / f".init.tmp-{os.getpid()}"
@@ -190,6 +193,9 @@ def prepare_student(cfg: DistillConfig, tdir: Path, teacher, t_tok_hf, data: Dat
         students.freeze_embeddings(student)
     if cfg.lora_rank:
         student = with_lora(student, cfg.lora_rank)
+        if cfg.init_adapter and not checkpoint.has_checkpoints(out):  # a resume loads its own LoRA weights
+            path = adapter_path(cfg.init_adapter, cfg.student)
+            log(f"LoRA starts from {path} ({load_adapter(student, path, cfg.lora_rank)} modules)", dist)
     fsdp = dist.world > 1 and cfg.parallel == "fsdp"
     need = check_fits(cfg, teacher, student, world=dist.world, sharded=fsdp, device=device)
     if cfg.grad_checkpointing:
@@ -288,28 +294,32 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
     if checkpoint.has_checkpoints(out) and not resume:
         raise InvalidRequest(f"{out} already holds checkpoints of a run", param="out",
                              hint="pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else home() / "distill-cache"
+    stages = plan(cfg, out, cache_dir, main=dist.main)  # the estimate and the disk check, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
 
     # 1. prepare: teacher (and its tokenizer) -> data -> student
-    tdir, tname = teacher_dir(cfg.teacher)
-    import transformers
+    with stages.stage("convert"):
+        tdir, tname = teacher_dir(cfg.teacher)
+        import transformers
 
-    t_tok_hf = transformers.AutoTokenizer.from_pretrained(str(tdir))
-    tok = HFTokenizer(t_tok_hf)
-    fmt = detect_format(tok)
-    teacher = students.load_causal_lm(tdir)[0].eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    t0 = time.perf_counter()
-    data = prepare_data(cfg, tok, fmt, cache_dir, dist, teacher=teacher, tname=tname)
-    if cfg.train_rows and len(data.train) > cfg.train_rows:
-        data.train = data.train.rows(slice(0, cfg.train_rows))  # rows are already shuffled
-    log(f"data: {data.describe} ({time.perf_counter() - t0:.0f} s)", dist)
+        t_tok_hf = transformers.AutoTokenizer.from_pretrained(str(tdir))
+        tok = HFTokenizer(t_tok_hf)
+        fmt = detect_format(tok)
+        teacher = students.load_causal_lm(tdir)[0].eval()
+    teacher.requires_grad_(False)  # (a loop variable left pointing at a parameter kept the teacher's file mapped)
+    with stages.stage("data"):
+        t0 = time.perf_counter()
+        data = prepare_data(cfg, tok, fmt, cache_dir, dist, teacher=teacher, tname=tname)
+        if cfg.train_rows and len(data.train) > cfg.train_rows:
+            data.train = data.train.rows(slice(0, cfg.train_rows))  # rows are already shuffled
+        log(f"data: {data.describe} ({time.perf_counter() - t0:.0f} s)", dist)
+    check_rows(len(data.train), cfg, data.describe)
     if dist.main:
         (out / "splits.json").write_text(json.dumps({"val": [str(p) for p in data.val_files],
                                                      "test": [str(p) for p in data.test_files]}, indent=0))
-    student, s_tok, init, need = prepare_student(cfg, tdir, teacher, t_tok_hf, data, out, dist, device)
+    with stages.stage("convert"):
+        student, s_tok, init, need = prepare_student(cfg, tdir, teacher, t_tok_hf, data, out, dist, device)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     log(f"student: {init.method}, layers {init.layers_kept}, {students.count_params(student) / 1e6:.0f}M params "
         f"({trainable / 1e6:.0f}M trainable); teacher {tname}: {students.count_params(teacher) / 1e6:.0f}M; "
@@ -319,10 +329,12 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
               make_optimizer(cfg, student), teacher_name=tname,
               autocast_dtype=autocast_dtype(cfg.autocast, device),
               val_rows=data.val.rows(slice(0, min(cfg.val_rows, len(data.val)))))
+    del teacher  # run.teacher holds it now; dropping that frees it once the cached targets make it unneeded
 
     # 2. teacher targets for every row this schedule will read (+ validation rows)
     if cfg.teacher_mode == "cached":
-        run.cache, run.val_cache = fill_teacher_cache(run, cache_dir, progress)
+        with stages.stage("teacher"):
+            run.cache, run.val_cache = fill_teacher_cache(run, cache_dir, progress)
         if not cfg.onpolicy_steps:  # not needed in the loop any more (on-policy excludes FSDP, see config)
             run.teacher = None
 
@@ -338,6 +350,27 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
 
     bar = tqdm(total=cfg.steps, initial=st.step, desc="distill", disable=not (progress and dist.main),
                dynamic_ncols=True, file=sys.stderr)
+    with stages.stage("train"):
+        train_loop(run, st, bar)
+    bar.close()
+
+    # 4. on-policy (GKD): the same optimizer step on the student's own samples
+    if cfg.onpolicy_steps and run.teacher is not None:
+        with stages.stage("train"):
+            onpolicy_phase(run, st)
+
+    # 5. final validation, checkpoint, export
+    with stages.stage("export"):
+        validate(run, st, final=True)
+        run.checkpoint(st)
+        result = export(run, st, s_tok, init)
+    distributed.close(dist)
+    return result
+
+
+def train_loop(run: Run, st: RunState, bar) -> None:
+    """Optimizer steps until the step count or the wall-clock budget ends, validating and checkpointing."""
+    cfg, dist = run.cfg, run.dist
     window_tokens, window_time = 0, 0.0
     while not st.stopped:
         if st.step >= cfg.steps or progress_of(cfg, st) >= 1.0:
@@ -365,18 +398,6 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
         if st.step % cfg.ckpt_every == 0:
             run.checkpoint(st)
         dist.barrier()
-    bar.close()
-
-    # 4. on-policy (GKD): the same optimizer step on the student's own samples
-    if cfg.onpolicy_steps and run.teacher is not None:
-        onpolicy_phase(run, st)
-
-    # 5. final validation, checkpoint, export
-    validate(run, st, final=True)
-    run.checkpoint(st)
-    result = export(run, st, s_tok, init)
-    distributed.close(dist)
-    return result
 
 
 # ---- stage 2b: teacher targets ------------------------------------------------------------------------------------
@@ -386,8 +407,12 @@ def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool):
     all ranks run the rows rank 0 found missing, in lockstep, and rank 0 stores them.
     Returns (train cache | None, val cache)."""
     cfg, data, dist, teacher = run.cfg, run.data, run.dist, run.teacher
-    key = (f"{data.fingerprint}-{tokenizer_hash(run.tok)}-{cfg.seq_len}-{cfg.fim_rate}-{cfg.fim_order}-"
-           f"{cfg.teacher_order}-s{cfg.seed}-n{len(data.train)}" + ("-bf16" if run.autocast_dtype else ""))
+    # keyed by what the teacher reads (its rows' token ids), not by how they were made: runs whose students read
+    # other orders or start elsewhere (adapt, draft) share one teacher pass over the same rows
+    rows_hash = hashlib.sha256(np.ascontiguousarray(data.train.teacher_ids).tobytes()
+                               + np.ascontiguousarray(data.val.teacher_ids).tobytes()).hexdigest()[:16]
+    key = (f"{rows_hash}-{tokenizer_hash(run.tok)}-{cfg.seq_len}-n{len(data.train)}"
+           + ("-bf16" if run.autocast_dtype else ""))
     base = cache_dir_for(cache_dir, run.teacher_name, key, cfg.top_k)
     n_val = min(cfg.val_rows, len(data.val))
     if not dist.main:
@@ -645,6 +670,6 @@ def export(run: Run, st: RunState, s_tok, init) -> Result:
         from localcoder.models import register
 
         register(cfg.register_as or out.resolve().name, model_dir, source="distill", teacher=run.teacher_name,
-                 fim_order=cfg.fim_order)
+                 orders=[cfg.fim_order])
     dist.barrier()
     return Result(out, model_dir, st, prov)

@@ -268,8 +268,28 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str =
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hparams(writer, cfg, arch)
         add_tokenizer(writer, model_dir, arch, cfg["vocab_size"])
+        for key, value in student_meta(model_dir).items():  # a distilled student: its order and provenance
+            writer.add_string(f"localcoder.{key}", value)
         n = add_tensors(writer, model_dir, cfg, arch, type, progress=progress)
     return GgufResult(out, type, arch, n, out.stat().st_size)
+
+
+def student_meta(model_dir: Path) -> dict[str, str]:
+    """What a distilled student's ``localcoder.json`` tells serving, as GGUF strings: ``fim_orders`` (the order it
+    was trained for; the llama engine's ``auto`` picks it; llama.cpp's quantize keeps the key, so K-quants of
+    the export declare it too), the teacher and the data it learned from (roots, fingerprint)."""
+    from localcoder.models import hf_declared_orders
+
+    try:
+        prov = json.loads((model_dir / "localcoder.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out = {"fim_orders": ",".join(hf_declared_orders(model_dir))}
+    if isinstance(prov, dict):
+        data = prov.get("data") or {}
+        out |= {"teacher": str(prov.get("teacher", "")), "data_fingerprint": str(data.get("fingerprint", "")),
+                "data_roots": json.dumps(data.get("roots", []))}
+    return {k: v for k, v in out.items() if v}
 
 
 def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str, *, threads: int = 0) -> None:

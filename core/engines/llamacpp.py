@@ -209,8 +209,16 @@ class LlamaCppEngine:
 
     @property
     def declared_orders(self) -> tuple[str, ...]:
-        """FIM orders the loaded adapter was trained for (``localcoder.fim_orders``), first preferred."""
-        return tuple(o for o in self.adapter.get("fim_orders", "").split(",") if o)
+        """FIM orders the loaded adapter was trained for, else the model file itself (a distilled student's
+        GGUF): their ``localcoder.fim_orders`` metadata, first preferred."""
+        declared = self.adapter.get("fim_orders") or self._model_meta("localcoder.fim_orders")
+        return tuple(o for o in declared.split(",") if o)
+
+    def _model_meta(self, key: str) -> str:
+        """A string value of the model GGUF's metadata ("" when absent)."""
+        buf = ctypes.create_string_buffer(4096)
+        n = self._lib.llama_model_meta_val_str(self.model.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
 
     @property
     def cache(self) -> PrefixCache:

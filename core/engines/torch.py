@@ -219,6 +219,9 @@ class TorchEngine:
         self.model = model.eval()
         self.tokenizer = HFTokenizer(tok)
         self.model_name = model_name or path.name
+        from localcoder.models import hf_declared_orders
+
+        self.declared_orders = hf_declared_orders(path)  # a distilled student's trained FIM order (localcoder.json)
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.cache = PrefixCache()

@@ -24,9 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write JSON results here")
     p.add_argument("--paired-healing", action="store_true",
                    help="run each suite again without token healing; print the paired ES difference (95%% CI)")
-    p.add_argument("--baseline", metavar="FIELD=VALUE,...",
+    p.add_argument("--baseline", metavar="FIELD=VALUE,...", action="append",
                    help="run each suite again with these settings changed (e.g. adapter=off,fim_order=psm) and "
-                        "print the paired ES difference, this run minus the baseline (95%% CI)")
+                        "print the paired ES difference, this run minus the baseline (95%% CI); repeatable: "
+                        "several baselines on the same cases (e.g. the stock model and the bigger one)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     from localcoder.cliargs import add_dataclass_arguments
     from localcoder.config import CheckConfig
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest("--limit must be a positive number", param="limit")
     cfg = config_from_args(args)
     completer = Completer.from_config(cfg, pull=True, progress=not args.quiet)
-    baseline = baseline_completer(cfg, args.baseline) if args.baseline else None
+    baselines = [(spec, baseline_completer(cfg, spec)) for spec in args.baseline or []]
     reports = []
     checked = []
     for suite in args.suite or ["humaneval-single"]:
@@ -76,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
                                 max_tokens=args.max_tokens, cold=args.cold))
         if args.paired_healing:
             reports.append(healing_off(completer, cases, suite, args, reports[-1]))
-        if baseline is not None:
-            reports.append(against_baseline(baseline, cases, suite, args, reports[-1]))
+        ours = reports[-1]
+        for spec, baseline in baselines:
+            reports.append(against_baseline(baseline, spec, cases, suite, args, ours))
     print(f"model: {cfg.model.model}  engine: {completer.engine.name}  format: {completer.format.name}"
           f"  order: {completer.order}", file=sys.stderr)
     if reports:
@@ -106,17 +108,17 @@ def baseline_completer(cfg, spec: str):
     return Completer.from_config(other, pull=True)
 
 
-def against_baseline(baseline, cases, suite: str, args: argparse.Namespace, report):
+def against_baseline(baseline, spec: str, cases, suite: str, args: argparse.Namespace, report):
     """The same cases through the baseline, and the paired ES (and EM) difference this run - baseline."""
     from localcoder.eval.metrics import paired_bootstrap
     from localcoder.eval.runner import evaluate
 
     base = evaluate(baseline, cases, execute=not args.no_exec, progress=not args.quiet,
-                    name=f"{suite} (baseline: {args.baseline}, order {baseline.order})", max_tokens=args.max_tokens,
+                    name=f"{suite} (baseline: {spec}, order {baseline.order})", max_tokens=args.max_tokens,
                     cold=args.cold)
     for metric in ("es", "em"):
         diff, lo, hi = paired_bootstrap([getattr(r, metric) for r in report.rows], [getattr(r, metric) for r in base.rows])
-        print(f"{suite}: {metric.upper()} vs baseline {diff:+.3f} (95% CI {lo:+.3f}..{hi:+.3f}, n={len(cases)})",
+        print(f"{suite}: {metric.upper()} vs baseline {spec}: {diff:+.3f} (95% CI {lo:+.3f}..{hi:+.3f}, n={len(cases)})",
               file=sys.stderr)
     return base
 

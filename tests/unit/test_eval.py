@@ -82,10 +82,10 @@ def test_baseline_setting_builds_a_second_completer_and_reports_the_paired_diffe
         baseline_completer(cfg, "token_healing")
     tasks = humaneval_infill.load_tasks("single", 4, seed=0)
     good = evaluate(Completer(FakeEngine(completion="    return None\n")), tasks, progress=False, name="t", execute=False)
-    args = argparse.Namespace(no_exec=True, quiet=True, baseline="x=y", max_tokens=None, cold=False)
-    against_baseline(Completer(FakeEngine(completion="zzz\n")), tasks, "t", args, good)
+    args = argparse.Namespace(no_exec=True, quiet=True, baseline=["x=y"], max_tokens=None, cold=False)
+    against_baseline(Completer(FakeEngine(completion="zzz\n")), "x=y", tasks, "t", args, good)
     err = capsys.readouterr().err
-    assert "ES vs baseline" in err and "n=4" in err
+    assert "ES vs baseline x=y:" in err and "n=4" in err
 
 
 def test_runner_scores_a_fake_engine():

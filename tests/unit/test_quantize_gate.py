@@ -74,6 +74,12 @@ def test_es_drop_threshold_is_what_fails_the_gate():
     assert not art.passed and art.es_drop == pytest.approx(0.025) and "ES dropped 2.5 points" in art.reasons[0]
     judge(art, src, GateConfig(threshold=0.03))
     assert art.passed
+    art.es_diff_ci = (-0.065, 0.014)  # the drop's CI reaches past 0: the sample cannot tell it from noise
+    judge(art, src, GateConfig(threshold=0.02))
+    assert art.passed and art.es_drop == pytest.approx(0.025)
+    art.es_diff_ci = (-0.05, -0.004)  # a real drop above the threshold fails
+    judge(art, src, GateConfig(threshold=0.02))
+    assert not art.passed
     assert "ES drop" in markdown({"passed": True, "bandwidth_gb_s": 10.0, "machine": {"cpus": 2},
                                   "config": {**GateConfig().__dict__}, "source": src.__dict__,
                                   "artifacts": [art.__dict__]})

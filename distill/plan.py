@@ -1,0 +1,202 @@
+"""What a run will cost, said before it starts and compared with what it cost at the end.
+
+``estimate(cfg, ...)`` gives minutes per stage, disk and peak memory from the run's sizes (rows, sequence
+length, the two models' parameter counts) and throughputs measured on our 2-core laptop class (below; a
+faster machine finishes early, the comparison at the end says by how much). ``check_disk`` refuses a run
+whose outputs cannot fit before anything is written. ``Stages`` times each stage and writes ``stages.json``
+next to the estimate, so ``report.md`` and the CLI show estimate against actual.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from localcoder.distill.config import DistillConfig
+from localcoder.errors import InvalidRequest
+
+# Throughputs measured on a 2-core Xeon (AVX512-BF16/AMX, bf16 autocast), 2026-12-04 (docs/distill.md "adapt"):
+# tokens per second of a no-grad forward, per billion parameters (teacher top-k pass), and of a training step
+# (forward + backward; LoRA: the base is frozen but its activations' gradients still flow).
+FORWARD_TOK_S_PER_B = 280.0  # the 1.5B teacher (1.78B with its head): ~157 tok/s (measured 144-167)
+TRAIN_TOK_S_PER_B = 85.0  # the 0.5B (0.64B) + LoRA at 2 x 1,024 tokens: ~133 tok/s (measured 124-140)
+CONVERT_S_PER_B = 90.0  # GGUF -> fp32 safetensors, once per model (cached)
+EXPORT_S_PER_B = 60.0  # merge + save safetensors + per GGUF type: write f16, quantize
+GATE_S_PER_CASE = 4.5  # one gate FIM case on one artifact (source fp32 torch ~3.5 s, each GGUF ~5 s)
+
+
+@dataclass
+class Estimate:
+    minutes: dict[str, float]
+    disk_gb: float
+    peak_memory_gb: float
+    rows: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_minutes(self) -> float:
+        return sum(self.minutes.values())
+
+    def describe(self) -> str:
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in self.minutes.items())
+        return (f"estimate: {self.total_minutes:.0f} min ({stages}), disk {self.disk_gb:.1f} GB, "
+                f"peak memory {self.peak_memory_gb:.1f} GB, {self.rows} training rows of the preset's length")
+
+
+def estimate(cfg: DistillConfig, *, rows: int, teacher_params: float, student_params: float,
+             converted: tuple[bool, bool] = (True, True), gate_cases: int = 0) -> Estimate:
+    """Minutes per stage, disk (everything the run writes) and peak memory for ``rows`` training rows."""
+    from localcoder.distill.memory import estimate_memory_gb
+
+    tb, sb = teacher_params / 1e9, student_params / 1e9
+    n_val = cfg.val_rows
+    teacher_rows = min(rows, cfg.steps * cfg.batch_size * cfg.grad_accum) if cfg.loss != "ce" else 0
+    train_tokens = cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    train_min = train_tokens / (TRAIN_TOK_S_PER_B / max(sb, 1e-3)) / 60
+    if cfg.max_minutes:
+        train_min = min(train_min, cfg.max_minutes)
+    minutes = {
+        "convert": ((0 if converted[0] else tb) + (0 if converted[1] else sb)) * CONVERT_S_PER_B / 60,
+        "data": 0.5,
+        "teacher": (teacher_rows + n_val) * cfg.seq_len / (FORWARD_TOK_S_PER_B / max(tb, 1e-3)) / 60,
+        "train": train_min,
+        "export": sb * EXPORT_S_PER_B / 60,  # merged safetensors (+ the LoRA as a GGUF adapter)
+        # each GGUF type: written, quantized, gated (the source's cases once, then each artifact's)
+        "publish": (len(cfg.export_gguf) * sb * EXPORT_S_PER_B
+                    + gate_cases * GATE_S_PER_CASE * (1 + len(cfg.export_gguf))) / 60 if cfg.export_gguf else 0.0,
+    }
+    gb = 1e9
+    cache = (teacher_rows + n_val) * cfg.seq_len * (cfg.top_k * 6 + 4) / gb  # fp16 values, int32 ids, lse
+    trainable = student_params if not cfg.lora_rank else student_params * 0.02
+    ckpts = cfg.keep_checkpoints * trainable * 4 * 3 / gb  # weights + AdamW moments
+    merged = student_params * 4 / gb
+    ggufs = sum({"q8_0": 1.07, "q4_k_m": 0.62, "f16": 2.0}.get(t, 1.0) for t in cfg.export_gguf) * student_params / gb
+    conversions = ((0 if converted[0] else teacher_params) + (0 if converted[1] else student_params)) * 4 / gb
+    disk = cache + ckpts + merged + ggufs + conversions + 0.2  # + tokenized rows, reports
+    peak = estimate_memory_gb(cfg, int(teacher_params), int(student_params), int(trainable), 896, 151936, 24,
+                              teacher_resident=cfg.teacher_mode == "online" or cfg.onpolicy_steps > 0) * 2**30 / gb
+    peak = max(peak, teacher_params * 4 / gb * 1.3)  # the teacher pass holds the fp32 teacher
+    notes = [] if rows >= cfg.train_rows else [f"the corpus gives {rows} rows (the preset reads up to {cfg.train_rows})"]
+    return Estimate({k: round(v, 1) for k, v in minutes.items()}, round(disk, 2), round(peak, 1), rows, notes)
+
+
+def plan(cfg: DistillConfig, out: Path, cache_dir: Path, *, main: bool = True) -> Stages:
+    """Before anything is converted or written: the estimate (printed), the disk check, the stage clock."""
+    from localcoder.distill.publish import GATE_HELDOUT, GATE_HUMANEVAL
+
+    if not main:
+        return Stages(out, None, enabled=False)
+    (tp, _, _, t_ok) = param_count(cfg.teacher)
+    sp, blocks, layers, s_ok = param_count(cfg.student or cfg.prune_from or cfg.teacher)
+    if not cfg.student and layers:  # a pruned student keeps --student-layers of the blocks (embeddings, head stay)
+        sp = int(sp - blocks * (1 - min(cfg.student_layers, layers) / layers))
+    est = estimate(cfg, rows=cfg.train_rows or 400, teacher_params=tp, student_params=sp, converted=(t_ok, s_ok),
+                   gate_cases=GATE_HELDOUT + GATE_HUMANEVAL)
+    say(est.describe())
+    check_disk(est, out, cache_dir)
+    return Stages(out, est)
+
+
+def check_disk(est: Estimate, out: Path, cache_dir: Path) -> None:
+    """Refuse before anything is written when the run's outputs cannot fit (kept: 1 GB to spare)."""
+    for where in {out, cache_dir}:
+        probe = where
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free / 1e9
+        if free < est.disk_gb + 1.0:
+            raise InvalidRequest(f"not enough disk for this run: it writes about {est.disk_gb:.1f} GB (teacher cache, "
+                                 f"checkpoints, merged model, GGUF exports) and {probe} has {free:.1f} GB free",
+                                 param="out", hint="free some space, or point --out / --cache-dir at another disk")
+
+
+def check_rows(rows: int, cfg: DistillConfig, describe: str) -> None:
+    """Refuse a corpus too small for the preset (``min_train_rows``), saying how much it needs."""
+    if rows < cfg.min_train_rows:
+        need = cfg.min_train_rows * cfg.seq_len
+        raise InvalidRequest(f"too little code to train on: {describe}. The {cfg.preset or 'run'}'s training split "
+                             f"needs at least {cfg.min_train_rows} rows of {cfg.seq_len} tokens (~{need:,} tokens, "
+                             f"about {need * 4 // 1000:,} KB of source after the held-out files are set aside)",
+                             param="data", hint="add more directories with --data, or lower --seq-len")
+
+
+class Stages:
+    """Wall time per stage, written to ``out/stages.json`` with the estimate (a resumed run adds to it)."""
+
+    def __init__(self, out: Path, est: Estimate | None = None, *, enabled: bool = True):
+        self.file, self.enabled = out / "stages.json", enabled
+        prior = json.loads(self.file.read_text()) if enabled and self.file.exists() else {}
+        self.actual: dict[str, float] = prior.get("actual_minutes", {})
+        self.est = est if est is not None else (Estimate(**prior["estimate"]) if "estimate" in prior else None)
+        self.save()
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.actual[name] = round(self.actual.get(name, 0.0) + (time.perf_counter() - t0) / 60, 2)
+            self.save()
+
+    def save(self) -> None:
+        if not self.enabled:  # other ranks of a distributed run: rank 0 keeps the record
+            return
+        data = {"actual_minutes": self.actual, "estimate": asdict(self.est) if self.est else None}
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.file.write_text(json.dumps(data, indent=1))
+
+    def compare(self) -> str:
+        """A table of estimate vs actual minutes per stage."""
+        est = self.est.minutes if self.est else {}
+        lines = ["| stage | estimate (min) | actual (min) |", "|---|---|---|"]
+        for name in dict.fromkeys([*est, *self.actual]):
+            e, a = est.get(name), self.actual.get(name)
+            lines.append(f"| {name} | {'' if e is None else f'{e:.1f}'} | {'' if a is None else f'{a:.1f}'} |")
+        te, ta = sum(est.values()), sum(self.actual.values())
+        lines.append(f"| **total** | {te:.1f} | {ta:.1f} |")
+        return "\n".join(lines)
+
+
+def say(msg: str) -> None:
+    print(f"[distill] {msg}", file=sys.stderr, flush=True)
+
+
+def param_count(spec: str) -> tuple[int, int, int, bool]:
+    """(parameters, of those in the transformer blocks, number of blocks, already converted to the fp32 HF form
+    distillation reads) of a model spec, from its file headers only (GGUF tensor shapes, safetensors
+    headers): nothing is loaded."""
+    import re
+    import struct
+
+    from localcoder.models import hf_cache_path, resolve
+
+    m = resolve(spec, pull_if_missing=True)
+    sizes: dict[str, int] = {}
+    if m.kind == "gguf":
+        import gguf
+
+        sizes = {t.name: int(t.n_elements) for t in gguf.GGUFReader(str(m.path)).tensors}
+        block = re.compile(r"blk\.(\d+)\.")
+    else:
+        for f in sorted(Path(m.path).glob("*.safetensors")):
+            with f.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            for name, t in header.items():
+                if name != "__metadata__":
+                    n = 1
+                    for d in t["shape"]:
+                        n *= d
+                    sizes[name] = n
+        block = re.compile(r"layers\.(\d+)\.")
+    found = {name: block.search(name) for name in sizes}
+    blocks = sum(n for name, n in sizes.items() if found[name])
+    layers = len({x.group(1) for x in found.values() if x})
+    converted = m.kind != "gguf" or (hf_cache_path(m.name) / "config.json").exists()
+    return sum(sizes.values()), blocks, layers, converted

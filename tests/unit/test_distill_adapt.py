@@ -1,0 +1,213 @@
+"""`--preset adapt`: the 1.5B teaches the 0.5B + LoRA (started from the shipped layout adapter) on the user's
+code, in the served `spm` order; the run says what it will cost before it starts, refuses what cannot work,
+and its exports declare the order they were trained for wherever they are served from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from localcoder.distill.config import load
+from localcoder.distill.plan import Estimate, Stages, check_disk, check_rows, estimate
+from localcoder.errors import InvalidRequest, ModelCorrupt, ModelNotFound
+
+
+def test_the_adapt_preset_is_the_big_model_teaching_the_small_one_the_served_order():
+    cfg = load("adapt", None, {"data": ["/src/repo"]})
+    assert (cfg.teacher, cfg.student) == ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b")
+    assert (cfg.fim_order, cfg.teacher_order, cfg.lora_rank, cfg.init_adapter) == ("spm", "psm", 16, "auto")
+    assert "cursor" in cfg.span_kinds and cfg.seq_len >= 1024
+    assert cfg.export_gguf == ["adapter", "q8_0", "q4_k_m"] and cfg.min_train_rows > 1
+    with pytest.raises(InvalidRequest, match="export-gguf adapter"):
+        load("", None, {"export_gguf": ["adapter"]})  # only a LoRA run has an adapter
+    with pytest.raises(InvalidRequest, match="init-adapter"):
+        load("", None, {"init_adapter": "auto"})  # starting a LoRA needs a LoRA run
+
+
+def _lora_model(tiny_qwen_dir: Path, rank: int = 4):
+    import transformers
+
+    from localcoder.distill.lora import with_lora
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_qwen_dir), dtype=torch.float32)
+    return with_lora(model, rank)
+
+
+def test_a_gguf_adapter_round_trips_into_the_lora_a_run_starts_from(tiny_qwen_dir, tmp_path):
+    from localcoder.distill.lora import ALPHA_PER_RANK, load_adapter
+    from localcoder.quantize.gguf import write_lora_gguf
+
+    torch.manual_seed(1)
+    trained = _lora_model(tiny_qwen_dir)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    lora = {n: p for n, p in trained.state_dict().items() if "lora_" in n}
+    config = json.loads((tiny_qwen_dir / "config.json").read_text())
+    path = write_lora_gguf(lora, tmp_path / "a.gguf", alpha=ALPHA_PER_RANK * 4, base_config=config, name="t").path
+
+    fresh = _lora_model(tiny_qwen_dir)
+    assert load_adapter(fresh, path, 4) == 4 * 7  # every projection of every block
+    got = dict(fresh.state_dict())
+    for name, want in lora.items():  # F16 in the file: equal to half precision
+        assert torch.allclose(got[name], want, atol=2e-3), name
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():  # the same function: the run starts where the adapter left off
+        assert torch.allclose(fresh(input_ids=ids).logits, trained(input_ids=ids).logits, atol=2e-2)
+
+    with pytest.raises(InvalidRequest, match="rank"):
+        load_adapter(_lora_model(tiny_qwen_dir, rank=8), path, 8)
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelCorrupt):
+        load_adapter(fresh, tmp_path / "bad.gguf", 4)
+
+
+def test_init_adapter_auto_is_the_one_shipped_for_the_student():
+    from localcoder.distill.lora import adapter_path
+
+    assert adapter_path("auto", "qwen2.5-coder-0.5b").name == "qwen2.5-coder-0.5b.gguf"
+    with pytest.raises(InvalidRequest, match="no layout adapter ships"):
+        adapter_path("auto", "qwen2.5-coder-1.5b")
+    with pytest.raises(ModelNotFound):
+        adapter_path("/nonexistent/adapter.gguf", "x")
+
+
+def test_the_estimate_adds_up_what_the_preset_will_do():
+    cfg = load("adapt", None, {"data": ["/src"]})
+    est = estimate(cfg, rows=cfg.train_rows, teacher_params=1.78e9, student_params=0.63e9, gate_cases=60)
+    rows_read = cfg.steps * cfg.batch_size
+    assert est.minutes["teacher"] == pytest.approx((rows_read + cfg.val_rows) * cfg.seq_len / (280 / 1.78) / 60, 0.05)
+    assert est.minutes["train"] <= cfg.max_minutes and est.minutes["convert"] == 0
+    assert 30 < est.total_minutes <= 90  # the issue's budget on the 2-core laptop class
+    fresh = estimate(cfg, rows=cfg.train_rows, teacher_params=1.78e9, student_params=0.63e9,
+                     converted=(False, False), gate_cases=60)
+    assert fresh.minutes["convert"] > 0 and fresh.disk_gb > est.disk_gb + 9  # two fp32 conversions
+    assert "of the preset's length" in est.describe() and f"{est.total_minutes:.0f} min" in est.describe()
+
+
+def test_a_run_that_cannot_fit_on_disk_is_refused_before_it_writes(tmp_path):
+    est = Estimate({"train": 1.0}, disk_gb=10**6, peak_memory_gb=1.0, rows=1)
+    with pytest.raises(InvalidRequest, match="not enough disk") as err:
+        check_disk(est, tmp_path / "not" / "yet", tmp_path)
+    assert err.value.param == "out"
+    assert not (tmp_path / "not").exists()
+    check_disk(Estimate({}, disk_gb=0.001, peak_memory_gb=1.0, rows=1), tmp_path / "out", tmp_path)
+
+
+def test_too_little_code_for_the_preset_says_how_much_is_needed():
+    cfg = load("adapt", None, {"data": ["/src"]})
+    with pytest.raises(InvalidRequest, match=r"at least 16 rows of 1024 tokens \(~16,384 tokens") as err:
+        check_rows(3, cfg, "3 files kept")
+    assert err.value.param == "data"
+    check_rows(cfg.min_train_rows, cfg, "enough")
+
+
+def test_stages_record_actual_minutes_beside_the_estimate_and_survive_a_resume(tmp_path):
+    est = Estimate({"teacher": 2.0, "train": 3.0}, disk_gb=1.0, peak_memory_gb=1.0, rows=10)
+    s = Stages(tmp_path, est)
+    with s.stage("teacher"):
+        pass
+    again = Stages(tmp_path)  # a resumed run reads the record back
+    assert again.est.minutes == est.minutes and "teacher" in again.actual
+    table = again.compare()
+    assert "| teacher | 2.0 | 0.0 |" in table and "| train | 3.0 |  |" in table and "**total** | 5.0" in table
+
+
+def test_registered_models_declare_the_order_they_were_trained_for(tmp_path, monkeypatch, tiny_qwen_dir):
+    from localcoder import models
+
+    monkeypatch.setenv("LOCALCODER_HOME", str(tmp_path / "home"))
+    student = tmp_path / "student"
+    student.mkdir()
+    for f in tiny_qwen_dir.iterdir():
+        (student / f.name).symlink_to(f)
+    (student / "localcoder.json").write_text(json.dumps({"fim": {"order": "spm"}, "teacher": "t"}))
+    assert models.hf_declared_orders(student) == ("spm",)
+    assert models.hf_declared_orders(tiny_qwen_dir) == ()
+    models.register("mine", student, orders=["spm"])
+    assert models.resolve("mine").meta["orders"] == ["spm"]
+    reg = json.loads(models.registry_file().read_text())
+    reg["old"] = {"path": str(student), "kind": "hf", "fim_order": "spm"}  # an entry from before "orders"
+    models.registry_file().write_text(json.dumps(reg))
+    assert models.resolve("old").meta["orders"] == ["spm"]
+
+
+def test_models_pull_of_a_registered_name_checks_it_is_there(tmp_path, monkeypatch, capsys, tiny_qwen_dir):
+    from localcoder import models
+    from localcoder.cli import main
+
+    monkeypatch.setenv("LOCALCODER_HOME", str(tmp_path / "home"))
+    models.register("mine", tiny_qwen_dir)
+    assert main(["models", "pull", "mine"]) == 0  # `make serve MODEL=mine` pulls first
+    assert str(tiny_qwen_dir) in capsys.readouterr().out
+    assert main(["models", "pull", "nothing-by-this-name"]) == 2
+
+
+# ---- the draft preset's parts: a student pruned from another model; one teacher pass shared by runs --------------
+from tests.unit.distill_helpers import cfg_of, corpus, flags, home  # noqa: E402,F401 (fixtures)
+
+
+def test_the_draft_preset_prunes_the_small_model_to_learn_the_big_ones_distribution():
+    cfg = load("draft", None, {"data": ["/src"]})
+    assert (cfg.teacher, cfg.prune_from, cfg.student, cfg.student_layers) == (
+        "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "", 6)
+    assert (cfg.fim_order, cfg.teacher_order, cfg.loss, cfg.lora_rank) == ("psm", "psm", "fkl", 0)
+    adapt = load("adapt", None, {"data": ["/src"]})  # the same rows as the adapt preset: one teacher pass for both
+    assert all(getattr(cfg, k) == getattr(adapt, k) for k in ("teacher", "teacher_order", "seq_len", "fim_rate",
+                                                              "span_kinds", "seed", "train_rows"))
+    with pytest.raises(InvalidRequest, match="prune-from"):
+        load("", None, {"prune_from": "a", "student": "b"})
+
+
+def test_prune_from_cuts_that_model_not_the_teacher(tiny_qwen_dir, corpus, tmp_path):
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file
+
+    from localcoder.distill.train import train
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_qwen_dir, other)
+    torch.manual_seed(7)  # same architecture and tokenizer, other weights
+    transformers.Qwen2ForCausalLM(transformers.AutoConfig.from_pretrained(str(other))).save_pretrained(
+        str(other), safe_serialization=True)
+    out = tmp_path / "run"
+    res = train(cfg_of(flags(tiny_qwen_dir, corpus, out, tmp_path / "cache", steps=1,
+                             **{"prune-from": other, "student-layers": 2})), progress=False)
+    kept = res.provenance["student_init"]["layers_kept"]
+    init, source = load_file(str(out / "init" / "model.safetensors")), load_file(str(other / "model.safetensors"))
+    name = "model.layers.{}.mlp.down_proj.weight"
+    assert len(kept) == 2
+    for new, old in enumerate(kept):
+        assert torch.equal(init[name.format(new)], source[name.format(old)])
+
+
+def test_runs_whose_students_read_other_orders_share_one_teacher_pass(tiny_qwen_dir, corpus, tmp_path, capsys):
+    from localcoder.distill.train import train
+
+    common = dict(steps=2, **{"fim-rate": 1.0, "teacher-order": "psm"})
+    train(cfg_of(flags(tiny_qwen_dir, corpus, tmp_path / "a", tmp_path / "cache", **common)), progress=False)
+    capsys.readouterr()
+    train(cfg_of(flags(tiny_qwen_dir, corpus, tmp_path / "b", tmp_path / "cache", **{**common, "fim-order": "spm"})),
+          progress=False)
+    err = capsys.readouterr().err
+    assert "teacher top-8: 0 rows computed" in err  # the spm student reuses the psm student's teacher targets
+
+
+def test_a_registered_base_plus_adapter_serves_with_it_and_off_drops_it(tmp_path, monkeypatch):
+    from localcoder import models
+
+    monkeypatch.setenv("LOCALCODER_HOME", str(tmp_path / "home"))
+    base = tmp_path / "base.gguf"
+    base.write_bytes(b"GGUF" + b"\0" * 64)
+    lora = tmp_path / "adapter.gguf"
+    lora.write_bytes(b"GGUF" + b"\0" * 64)
+    models.register("mine", base, adapter=str(lora), orders=["spm"])  # what `--export-gguf adapter` registers
+    m = models.resolve("mine")
+    assert models.with_adapter(m, "auto").meta["adapter"] == str(lora)  # served with its adapter by default
+    assert "adapter" not in models.with_adapter(m, "off").meta  # --adapter off: the base alone
