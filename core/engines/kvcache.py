@@ -45,9 +45,13 @@ class SlotTable:
     covers at least ``similarity`` of the shorter of the two (like llama-server's
     ``--slot-prompt-similarity``: the same document, not just a shared header; measured against the
     shorter so that a slot holding a prompt plus its completion still matches that prompt alone);
-    otherwise to the least recently used slot
-    (never-used slots first). Each slot's ``PrefixCache`` then plans the token-exact reuse, so a slot
-    that holds other text only ever contributes the tokens that are identical.
+    otherwise to a slot to overwrite: a never-used one, else the least recently used of those that only a
+    background prefill (a warm-up, nothing to generate) filled, else the least recently used. A warm-up
+    therefore never evicts the file the user is typing in while a slot of warm-ups exists: with typed-through
+    answers no request refreshes that file's slot, and llama.vim's warm-ups at every buffer switch (its
+    extra-context ring, a prompt of its own) used to evict it (two files alternating: two 13 s cold
+    prefills in 40 keystrokes, bench 2026-12-04). Each slot's ``PrefixCache`` then plans the token-exact
+    reuse, so a slot that holds other text only ever contributes the tokens that are identical.
     """
 
     def __init__(self, n_slots: int, similarity: float = 0.5) -> None:
@@ -56,20 +60,26 @@ class SlotTable:
         self.slots = [PrefixCache() for _ in range(n_slots)]
         self.similarity = similarity
         self._last_used = [0] * n_slots  # 0 = never used
+        self._background = [False] * n_slots  # filled by background prefills only since it was last taken
         self._clock = 0
 
     def __len__(self) -> int:
         return len(self.slots)
 
-    def choose(self, prompt: Sequence[int]) -> int:
-        """Index of the slot for ``prompt`` (marks it most recently used)."""
+    def choose(self, prompt: Sequence[int], background: bool = False) -> int:
+        """Index of the slot for ``prompt`` (marks it most recently used); ``background``: a prefill with
+        nothing to generate."""
         best, best_len = -1, 0
         for i, slot in enumerate(self.slots):
             n = common_prefix_len(slot.tokens, prompt)
             if n > best_len and n >= self.similarity * min(len(slot.tokens), len(prompt)):
                 best, best_len = i, n
-        if best < 0:
-            best = min(range(len(self.slots)), key=lambda i: self._last_used[i])
+        if best < 0:  # overwrite one: never used, else warm-ups only, else the least recently used
+            best = min(range(len(self.slots)),
+                       key=lambda i: (self._last_used[i] > 0, not self._background[i], self._last_used[i]))
+            self._background[best] = background
+        else:
+            self._background[best] = self._background[best] and background
         self._clock += 1
         self._last_used[best] = self._clock
         return best
@@ -78,3 +88,4 @@ class SlotTable:
         for slot in self.slots:
             slot.clear()
         self._last_used = [0] * len(self.slots)
+        self._background = [False] * len(self.slots)

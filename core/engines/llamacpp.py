@@ -287,7 +287,7 @@ class LlamaCppEngine:
                            lambda: self.n_ctx - len(cache.tokens))
 
     def _run(self, request: GenerationRequest, timings: Timings) -> Iterator[int]:
-        slot = self._last_slot = self.slots.choose(request.tokens)
+        slot = self._last_slot = self.slots.choose(request.tokens, background=request.max_tokens == 0)
         keep = self.slots.slots[slot].plan(request.tokens) if request.cache_prompt else 0
         self._truncate(slot, keep)
         spec = self._speculation(slot) if self.drafter is not None else None

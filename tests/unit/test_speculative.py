@@ -201,3 +201,26 @@ def test_slot_table_picks_the_shared_prefix_slot_else_least_recently_used():
     assert table.choose(c) == 1  # nothing shared: the least recently used
     with pytest.raises(ValueError):
         SlotTable(0)
+
+
+def test_a_warm_up_overwrites_a_warm_up_slot_not_the_file_being_typed_in():
+    """Two files typed alternately (slots 0 and 1), a third slot of llama.vim's warm-ups: however long the
+    files go unrefreshed (typed-through answers call no model), warm-ups of other prompts stay in slot 2."""
+    table = SlotTable(3)
+    a, b = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]
+    for prompt in (a, b):
+        table.slots[table.choose(prompt)].extend(prompt)
+    warm = table.choose([20, 21], background=True)
+    assert warm == 2
+    table.slots[warm].extend([20, 21])
+    for k in range(5):  # several different warm-ups, nothing else
+        slot = table.choose([30 + k, 31], background=True)
+        assert slot == 2
+        table.slots[slot].clear()
+        table.slots[slot].extend([30 + k, 31])
+    assert table.choose(a + [13]) == 0 and table.choose(b + [13]) == 1  # both files still cached
+    # a real request on a miss also overwrites the warm-up slot first; then the slot counts as real
+    assert table.choose([40, 41, 42]) == 2
+    table.slots[2].clear()
+    table.slots[2].extend([40, 41, 42])
+    assert table.choose([50, 51], background=True) == 0  # no warm-up slot left: the least recently used
