@@ -67,6 +67,24 @@ def test_snippets_are_stable_while_typing_in_one_region():
     assert builder.snippets(cur, 20, [other], ContextOptions(), None) is first  # same region: cached
 
 
+def test_typing_in_another_file_keeps_the_snippets_until_its_edits_move_region():
+    """Two files edited alternately: the prompt prelude (snippets of the other file) must not change at
+    every switch, or each switch re-reads the whole prompt."""
+    other_text = "".join(f"def helper_{i}(value):\n    return value + {i}\n" for i in range(40))
+    cur = Document("file:///p/a.py", "def main(value):\n    return helper_3(value)\n", "python")
+    other = Document("file:///p/b.py", other_text, "python")
+    other.apply(types.Position(7, 0), types.Position(7, 0), "# x")  # the user worked there (line 7)
+    builder = ContextBuilder()
+    first = builder.snippets(cur, 20, [other], ContextOptions(), None)
+    assert any("# x" in s.text for s in first)
+    for ch in "yz":  # more typing on that line of b.py
+        other.apply(types.Position(7, 3), types.Position(7, 3), ch, version=other.version + 1)
+        assert builder.snippets(cur, 20, [other], ContextOptions(), None) is first
+    other.apply(types.Position(70, 0), types.Position(70, 0), "# far away\n")  # edits move to another region
+    again = builder.snippets(cur, 20, [other], ContextOptions(), None)
+    assert again is not first and any("# far away" in s.text for s in again)
+
+
 def test_snippet_budget_and_paths():
     big = Document("file:///p/big.py", "value = compute(value)\n" * 400, "python")
     cur = Document("file:///p/a.py", "value = compute(", "python")
