@@ -129,9 +129,8 @@ def select(candidates: list[tuple[float, Snippet, str, int, int]], char_budget: 
 def shape(doc: Document, opts: ContextOptions) -> tuple:
     """What of another document the snippet choice depends on, coarsely: the regions of its recent edits
     and its length in regions."""
-    edits = tuple(sorted({doc.position_at(min(e.start, len(doc.text)))[0] // opts.region_lines
-                          for e in doc.edits[-opts.max_edits :]}))
-    return doc.uri, edits, doc.text.count("\n") // opts.region_lines
+    edits = tuple(sorted({doc.position_at(e.start)[0] // opts.region_lines for e in doc.edits[-opts.max_edits :]}))
+    return doc.uri, edits, doc.line_count // opts.region_lines
 
 
 class ContextBuilder:
