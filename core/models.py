@@ -126,6 +126,8 @@ def with_adapter(model: "ResolvedModel", setting: str) -> "ResolvedModel":
     """The model with the LoRA adapter ``setting`` names (ModelConfig.adapter) in ``meta["adapter"]``:
     ``auto`` = the one shipped for a packaged model (none: unchanged), ``off``, or a GGUF LoRA path."""
     if setting in ("", "off"):  # off also drops an adapter a registry entry pairs with its base
+        if "adapter" not in model.meta:
+            return model
         return dataclasses.replace(model, meta={k: v for k, v in model.meta.items() if k != "adapter"})
     if setting == "auto":
         path = shipped_adapter(model.name) if model.kind == "gguf" else None
