@@ -129,7 +129,10 @@ async def test_a_real_request_preempts_a_running_background_prefill():
         await wait_for(engine.active.is_set)
         client.prefill(InfillRequest("warm me"), key="doc")  # waits: a real request runs
         await real
-        # the prefill now runs; a slow prefill is preempted by the next real request
+        # the prefill now runs (wait until the worker took it: a request sent before that would
+        # simply go first); a slow prefill is preempted by the next real request
+        await wait_for(lambda: (client._running is not None and client._running.background)
+                       or client.stats.prefills >= 1)
         engine.token_delay_s = 0.0
         result = await complete(client, InfillRequest("next", max_tokens=2))
         assert result.text == "wo" and client.stats.prefills + client.stats.prefills_cancelled >= 1
