@@ -56,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     import os
 
+    if cfg.specialists and int(os.environ.get("RANK", "0")) == 0:
+        name = cfg.register_as or result.out.resolve().name
+        print(f"specialists: {result.model_dir / 'bundle.json'} ({result.out / 'report.md'}); "
+              f"serve them with `localcoder serve --model {name}`")
+        return 0
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"student: {result.model_dir}  (steps {result.state.step}, stopped by {result.state.stopped}; "
               f"report {result.out / 'report.md'})")

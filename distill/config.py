@@ -32,6 +32,12 @@ class DistillConfig:
     # start the LoRA from a GGUF LoRA adapter of the same rank (auto: the layout adapter shipped for the student,
     # which already reads the append-only order); empty: from zero
     init_adapter: str = ""
+    # K LoRA specialists instead of one adapter (a LoRA run): the training rows are clustered (TF-IDF over code
+    # tokens, k-means) and each cluster trains its own LoRA on its rows, with a share of --steps / --max-minutes
+    # proportional to its size; the bundle (adapters + router) serves each document with its nearest specialist.
+    # K >= 2, or auto (silhouette, K <= 8); empty: one adapter
+    specialists: str = ""
+    specialist_min_rows: int = 8  # a cluster with fewer training rows (chunks) than this is refused
     # ---- data
     data: list[str] = field(default_factory=list)  # corpus directories (default: the stdlib source)
     out: str = "runs/student"
@@ -125,6 +131,16 @@ class DistillConfig:
             bad("export_gguf", "--export-gguf adapter publishes a LoRA run's adapter; give --lora-rank too")
         if self.init_adapter and not self.lora_rank:
             bad("init_adapter", "--init-adapter starts a LoRA run; give --lora-rank too")
+        if self.specialists:
+            from localcoder.distill.specialists import parse_k
+
+            parse_k(self.specialists)
+            if not self.lora_rank:
+                bad("specialists", "--specialists trains LoRA adapters; give --lora-rank too (the adapt preset does)")
+            if self.onpolicy_steps or self.parallel == "fsdp":
+                bad("specialists", "--specialists does not combine with --onpolicy-steps or --parallel fsdp")
+        if self.specialist_min_rows < 1:
+            bad("specialist_min_rows", f"--specialist-min-rows must be >= 1, got {self.specialist_min_rows}")
         if self.onpolicy_steps and self.fim_order != self.teacher_order:
             bad("onpolicy_steps", "the on-policy phase needs the same FIM order for teacher and student")
 

@@ -33,7 +33,7 @@ from localcoder.fim.formats import FimFormat
 
 SPAN_KINDS = ("char", "line", "block", "cursor")
 CHARS_PER_TOKEN = 3.2  # code with a BPE vocabulary; only sizes the chunks (exact lengths are trimmed)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: rows record their main source file (Packed.source)
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,7 @@ class Example:
     t_index: list[int]  # (T,) teacher position for each student position
     loss_mask: list[int]  # (T,)
     mid_mask: list[int]  # (T,)
+    source: int = -1  # index of the file it was cut from (make_examples' ``files``)
 
 
 def _layout(fmt: FimFormat, tok, segs: dict[str, list[int]], order: str) -> tuple[list[int], list[tuple]]:
@@ -214,8 +215,10 @@ def make_examples(tok, fmt: FimFormat, files: Sequence[SourceFile], spec: FimSpe
     ``rewrite`` (sequence-level KD) maps the (prefix, middle, suffix) triples to the middles to train on."""
     rng = random.Random(seed)
     items: list[tuple[str, ...]] = []
-    for f in files:
+    sources: list[int] = []
+    for fi, f in enumerate(files):
         for chunk in chunk_text(f.text, int(spec.seq_len * CHARS_PER_TOKEN)):
+            sources.append(fi)
             if rng.random() < spec.rate:
                 kind = spec.span_kinds[rng.randrange(len(spec.span_kinds))]
                 items.append(split_span(chunk, kind, rng, spec.max_block_lines))
@@ -225,7 +228,10 @@ def make_examples(tok, fmt: FimFormat, files: Sequence[SourceFile], spec: FimSpe
         triples = [it for it in items if len(it) == 3]
         middles = iter(rewrite(triples))
         items = [(it[0], next(middles), it[2]) if len(it) == 3 else it for it in items]
-    return [encode_example(tok, fmt, *it, spec) if len(it) == 3 else encode_plain(tok, it[0], spec) for it in items]
+    examples = [encode_example(tok, fmt, *it, spec) if len(it) == 3 else encode_plain(tok, it[0], spec) for it in items]
+    for ex, fi in zip(examples, sources):
+        ex.source = fi
+    return examples
 
 
 # ---- packing ---------------------------------------------------------------------------------------------
@@ -236,6 +242,7 @@ class Packed:
     t_index: np.ndarray  # (N, L) int32
     loss_mask: np.ndarray  # (N, L) uint8
     mid_mask: np.ndarray  # (N, L) uint8
+    source: np.ndarray | None = None  # (N,) int32: the file (build_split's ``files`` index) most of a row is from
 
     def __len__(self) -> int:
         return int(self.student_ids.shape[0])
@@ -245,7 +252,7 @@ class Packed:
         return int(self.loss_mask.sum())
 
     def rows(self, idx) -> "Packed":
-        return Packed(*(a[idx] for a in self.arrays()))
+        return Packed(*(a[idx] for a in self.arrays()), source=None if self.source is None else self.source[idx])
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return self.student_ids, self.teacher_ids, self.t_index, self.loss_mask, self.mid_mask
@@ -272,8 +279,10 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> Packed:
     arr["s"][:] = pad_id
     arr["t"][:] = pad_id
     arr["i"][:] = np.arange(seq_len)
+    src = np.full(N, -1, np.int32)
     for r, row in enumerate(rows):
         off = 0
+        src[r] = max(row, key=lambda ex: len(ex.student_ids)).source
         for ex in row:
             n = len(ex.student_ids)
             arr["s"][r, off:off + n] = ex.student_ids
@@ -282,7 +291,7 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> Packed:
             arr["l"][r, off:off + n] = ex.loss_mask
             arr["m"][r, off:off + n] = ex.mid_mask
             off += n
-    return Packed(arr["s"], arr["t"], arr["i"], arr["l"], arr["m"])
+    return Packed(arr["s"], arr["t"], arr["i"], arr["l"], arr["m"], src)
 
 
 # ---- tokenized cache ---------------------------------------------------------------------------------------
@@ -320,7 +329,7 @@ def build_split(tok, fmt: FimFormat, files: Sequence[SourceFile], spec: FimSpec,
     if path is not None and path.exists():
         try:
             with np.load(path) as z:
-                return Packed(*(z[k] for k in ("s", "t", "i", "l", "m")))
+                return Packed(*(z[k] for k in ("s", "t", "i", "l", "m", "f")))
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # a torn cache file is rebuilt, never trusted
     if not files:
@@ -333,6 +342,6 @@ def build_split(tok, fmt: FimFormat, files: Sequence[SourceFile], spec: FimSpec,
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         np.savez(tmp, s=packed.student_ids, t=packed.teacher_ids, i=packed.t_index, l=packed.loss_mask,
-                 m=packed.mid_mask)
+                 m=packed.mid_mask, f=packed.source)
         os.replace(tmp, path)
     return packed

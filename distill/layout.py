@@ -32,8 +32,9 @@ def adapter_meta(cfg: DistillConfig, out: Path, steps: int) -> dict[str, str]:
             "recipe": json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("out", "cache_dir", "data")})}
 
 
-def export_adapter(cfg: DistillConfig, out: str | Path, dest: str | Path | None = None):
-    """Write the run's LoRA adapter (newest checkpoint) as a GGUF LoRA; returns the GgufResult."""
+def export_adapter(cfg: DistillConfig, out: str | Path, dest: str | Path | None = None, init_dir: Path | None = None):
+    """Write the run's LoRA adapter (newest checkpoint) as a GGUF LoRA; returns the GgufResult. ``init_dir``:
+    where the student's init config lives (default ``out/init``; a specialist's is its run's)."""
     import torch
 
     from localcoder.distill.checkpoint import CKPT_DIR
@@ -49,7 +50,7 @@ def export_adapter(cfg: DistillConfig, out: str | Path, dest: str | Path | None 
     ck = root / latest.read_text().strip()
     blob = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
     steps = json.loads((ck / "run.json").read_text())["step"]
-    base_config = json.loads((out / "init" / "config.json").read_text(encoding="utf-8"))
+    base_config = json.loads(((init_dir or out / "init") / "config.json").read_text(encoding="utf-8"))
     return write_lora_gguf(blob["model"], dest or out / "adapter.gguf", alpha=LORA_ALPHA_PER_RANK * cfg.lora_rank,
                            base_config=base_config, name=f"{cfg.student} layout adapter ({cfg.fim_order})",
                            meta=adapter_meta(cfg, out, steps))

@@ -94,6 +94,7 @@ class Data:
     test_files: list[Path]
     val_files: list[Path]
     describe: str
+    train_sources: list[str] = field(default_factory=list)  # per training row: the file most of it is from
 
 
 def prepare_data(cfg: DistillConfig, tok, fmt, cache_dir: Path, dist: Dist, teacher=None, tname: str = "") -> Data:
@@ -131,8 +132,10 @@ def prepare_data(cfg: DistillConfig, tok, fmt, cache_dir: Path, dist: Dist, teac
     describe = (f"{corpus.describe()}; dedup removed {report.exact_duplicates} exact + {report.near_duplicates} "
                 f"near duplicates; files train/val/test {len(train_files)}/{len(splits['val'])}/{len(splits['test'])}; "
                 f"rows {len(packed['train'])}/{len(packed['val'])}/{len(packed['test'])} of {cfg.seq_len} tokens")
+    src = packed["train"].source
+    sources = [train_files[i].rel if 0 <= i < len(train_files) else "" for i in (src if src is not None else [])]
     return Data(packed["train"], packed["val"], packed["test"], fp, [f.path for f in splits["test"]],
-                [f.path for f in splits["val"]], describe)
+                [f.path for f in splits["val"]], describe, sources)
 
 
 # ---- stage 2: models -----------------------------------------------------------------------------------------------
@@ -244,6 +247,7 @@ class Run:
     val_cache: TopKCache | None = None
     autocast_dtype: torch.dtype | None = None  # bf16 on CUDA
     val_rows: Packed | None = None
+    row_ids: list[int] | None = None  # train on these rows only (a specialist's cluster); None: all of them
 
     @property
     def metrics_file(self) -> Path:
@@ -313,6 +317,7 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
         data = prepare_data(cfg, tok, fmt, cache_dir, dist, teacher=teacher, tname=tname)
         if cfg.train_rows and len(data.train) > cfg.train_rows:
             data.train = data.train.rows(slice(0, cfg.train_rows))  # rows are already shuffled
+            data.train_sources = data.train_sources[: cfg.train_rows]
         log(f"data: {data.describe} ({time.perf_counter() - t0:.0f} s)", dist)
     check_rows(len(data.train), cfg, data.describe)
     if dist.main:
@@ -337,6 +342,15 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
             run.cache, run.val_cache = fill_teacher_cache(run, cache_dir, progress)
         if not cfg.onpolicy_steps:  # not needed in the loop any more (on-policy excludes FSDP, see config)
             run.teacher = None
+
+    if cfg.specialists:  # K LoRAs on clusters of the rows instead of one (distill/specialists.py)
+        from localcoder.distill.specialists import train_specialists
+
+        with stages.stage("train"):
+            result = train_specialists(run, cache_dir, resume=resume, progress=progress and dist.main,
+                                       s_tok=s_tok, init=init)
+        distributed.close(dist)
+        return result
 
     st = RunState()
     if resume and (loaded := load_checkpoint(out, student, run.opt)) is not None:
@@ -434,7 +448,7 @@ def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool):
     val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
     if train_cache is not None:
         n = len(data.train)
-        needed = list(range(n)) if cfg.steps * run.per_step >= n else sorted(
+        needed = list(range(n)) if cfg.steps * run.per_step >= n or cfg.specialists else sorted(
             {r for s in range(cfg.steps) for r in rows_for_step(s, n, run.per_step, cfg.seed)})
         t0 = time.perf_counter()
         done = train_cache.fill(teacher, data.train.teacher_ids, share(train_cache, needed),
@@ -513,7 +527,10 @@ def optimizer_step(run: Run, st: RunState, micro: Sequence[Micro], total_tokens:
 def kd_step(run: Run, st: RunState) -> Step:
     """The rows of step ``st.step`` (global); this rank takes rows[rank::world] of every micro-batch."""
     cfg, train, dist = run.cfg, run.data.train, run.dist
-    rows = rows_for_step(st.step, len(train), run.per_step, cfg.seed)
+    if run.row_ids is None:
+        rows = rows_for_step(st.step, len(train), run.per_step, cfg.seed)
+    else:  # a specialist: its own epochs over its cluster's rows (global ids: the teacher cache is by row)
+        rows = [run.row_ids[i] for i in rows_for_step(st.step, len(run.row_ids), run.per_step, cfg.seed)]
     micro_rows = [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     mask_all = train.loss_mask if cfg.loss_positions == "all" else train.mid_mask
     total_tokens = sum(float(mask_all[r][:, :-1].sum()) for r in micro_rows)
