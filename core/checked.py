@@ -272,21 +272,22 @@ def parse_generated(texts: Sequence[str], name: str, limit: int, seen: set[str])
 
 
 def sample_groups(engine, groups: Sequence[SampleGroup], cancel: CancelToken,
-                  on_done: Callable[[int, int], None] = lambda k, done: None
+                  on_done: Callable[[int, int], None] = lambda k, done: None, adapter: int | None = None
                   ) -> tuple[list[list[list[int]]], Timings, bool]:
     """Every group's continuations: in one batched decode where the engine has ``sample_groups``
     (llama.cpp: the sequences of all groups step together, so the groups' decode times do not add
     up), else one request per sequence, group after group (seed ``sampling.seed + i`` for sequence i
-    of a group). ``on_done(k, done)``: ``done`` sequences of group k have finished. Returns (token
-    lists per group, timings of the whole call, batched)."""
+    of a group). ``on_done(k, done)``: ``done`` sequences of group k have finished; ``adapter``: the
+    specialist adapter they run under (``Completer.route``). Returns (token lists per group, timings of
+    the whole call, batched)."""
     many = getattr(engine, "sample_groups", None)
     if many is not None:
         counted = [replace(g, stop=_counting(g.stop, lambda done, k=k: on_done(k, done)))
                    for k, g in enumerate(groups)]
-        outs, timings = many(counted, cancel=cancel)
+        outs, timings = many(counted, cancel=cancel, **({"adapter": adapter} if adapter is not None else {}))
         return outs, timings, True
     total = Timings()
-    outs = [_sample_one_by_one(engine, g, cancel, total, lambda done, k=k: on_done(k, done))
+    outs = [_sample_one_by_one(engine, g, cancel, total, lambda done, k=k: on_done(k, done), adapter)
             for k, g in enumerate(groups)]
     return outs, total, False
 
@@ -306,7 +307,7 @@ def _counting(stop: StopFn | None, on_done: Callable[[int], None]) -> StopFn:
 
 
 def _sample_one_by_one(engine, group: SampleGroup, cancel: CancelToken, total: Timings,
-                       on_done: Callable[[int], None]) -> list[list[int]]:
+                       on_done: Callable[[int], None], adapter: int | None = None) -> list[list[int]]:
     """The fallback of ``sample_groups`` for one group: a ``generate`` request per sequence (seed
     ``sampling.seed + i``), its timings added to ``total``."""
     sampling, outs = group.sampling, []
@@ -317,7 +318,7 @@ def _sample_one_by_one(engine, group: SampleGroup, cancel: CancelToken, total: T
             continue
         s = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + i)
         stream = engine.generate(GenerationRequest(list(group.prompt), group.max_tokens, s, group.stop_token_ids,
-                                                   cancel))
+                                                   cancel, adapter=adapter))
         toks: list[int] = []
         try:
             for tok in stream:
@@ -691,9 +692,9 @@ def _program(prefix: str, suffix: str) -> Callable[[str], str]:
 
 
 def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken | None = None,
-          progress: Progress | None = None) -> CheckOutcome:
+          progress: Progress | None = None, key: str | None = None) -> CheckOutcome:
     """Sample candidates and test-writing sequences in one shared decode, execute and rank (see the
-    module docstring)."""
+    module docstring). ``key``: the client's key for the document (``Completer.route``)."""
     cancel = cancel or CancelToken()
     progress = progress or (lambda what, done, total: None)
     t0 = time.perf_counter()
@@ -708,7 +709,9 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
             progress("candidates", finished, opts.candidates)
 
     t_sample = time.perf_counter()
-    outs, decode_t, batched = sample_groups(completer.engine, groups, cancel, done)
+    adapter, route_ms = completer.route(req, key)
+    outs, decode_t, batched = sample_groups(completer.engine, groups, cancel, done, adapter)
+    completer.label(decode_t, adapter, route_ms)
     t_sampled = time.perf_counter()
     cands, samples = merge_candidates(outs[0], cand_texts, rules)
     progress("candidates", opts.candidates, opts.candidates)
@@ -789,14 +792,15 @@ def checked_request(req: InfillRequest, opts: CheckOptions, progress: Progress |
     return CheckedRequest(**fields, check=opts, progress=progress)
 
 
-def checked_stream(completer, req: CheckedRequest, cancel: CancelToken | None = None) -> CompletionStream:
+def checked_stream(completer, req: CheckedRequest, cancel: CancelToken | None = None, key: str | None = None
+                   ) -> CompletionStream:
     """The top-ranked candidate as one delta; ``result`` is a ``CheckedResult`` with the evidence."""
     req.validate()
     cancel = cancel or CancelToken()
     holder = CompletionStream(iter(()))
 
     def run():
-        outcome = check(completer, req, req.check, cancel, req.progress)
+        outcome = check(completer, req, req.check, cancel, req.progress, key)
         top = outcome.candidates[0].text if outcome.candidates and not outcome.cancelled else ""
         t = outcome.evidence.get("timings", {})
         timings = Timings(cancelled=outcome.cancelled)
@@ -804,6 +808,8 @@ def checked_stream(completer, req: CheckedRequest, cancel: CancelToken | None = 
             d = t["decode"]
             timings.prompt_n, timings.cached_n = d["prompt_n"] + d["cache_n"], d["cache_n"]
             timings.prompt_ms, timings.predicted_n, timings.predicted_ms = d["prompt_ms"], d["predicted_n"], d["predicted_ms"]
+            timings.specialist = d.get("specialist")
+            timings.route_ms, timings.adapter_switch_ms = d.get("route_ms", 0.0), d.get("adapter_switch_ms", 0.0)
         holder.result = CheckedResult(top, "cancelled" if outcome.cancelled else "checked", "multi", timings, False,
                                       timings.prompt_n, checked=outcome.evidence, candidates=outcome.candidates)
         if top:

@@ -264,6 +264,8 @@ class InProcessClient:
             adapter = getattr(engine, "adapter", None)
             if adapter:  # a LoRA layout adapter: its file and what it teaches
                 out["adapter"] = {k: v for k, v in adapter.items() if k != "recipe"}
+            if self.completer.router is not None:  # a specialist bundle: its adapters and their requests
+                out["specialists"] = self.completer.router.summary()
             for name in ("cache_info", "health"):  # optional engine capabilities (slots, a remote server)
                 fn = getattr(engine, name, None)
                 if callable(fn):
@@ -400,7 +402,7 @@ class InProcessClient:
         else:
             self.stats.started += 1
         try:
-            stream = self.completer.stream(job.request, job.cancel)
+            stream = self.completer.stream(job.request, job.cancel, job.key)
             for delta in stream:
                 job.post(_Event("delta", delta))
             assert stream.result is not None
@@ -467,7 +469,9 @@ def result_from_infill(data: dict[str, Any], text: str, req: InfillRequest) -> C
     evaluated, cached = int(t.get("prompt_n", 0) or 0), int(t.get("cache_n", 0) or 0)
     timings = Timings(prompt_n=evaluated + cached, cached_n=cached, prompt_ms=float(t.get("prompt_ms", 0) or 0),
                       predicted_n=int(t.get("predicted_n", 0) or 0),
-                      predicted_ms=float(t.get("predicted_ms", 0) or 0))
+                      predicted_ms=float(t.get("predicted_ms", 0) or 0),
+                      specialist=t.get("specialist"), route_ms=float(t.get("route_ms", 0) or 0),
+                      adapter_switch_ms=float(t.get("adapter_switch_ms", 0) or 0))
     stop = str(data.get("stop_reason") or data.get("stop_type") or "limit")
     timings.cancelled = stop == "cancelled"
     if isinstance(data.get("checked"), dict):  # the evidence of a checked completion (infill_body's check)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from localcoder.config import check_mode
 from localcoder.engines.base import CancelToken, Engine, GenerationRequest, Sampling, Timings
@@ -19,6 +19,9 @@ from localcoder.fim.formats import FimFormat, Snippet, detect_format, get_format
 from localcoder.stops import StopRules, decide_mode
 from localcoder.text import clean
 from localcoder.typed import TypedThrough
+
+if TYPE_CHECKING:
+    from localcoder.specialists import Router
 
 MAX_TOKENS_LIMIT = 4096
 
@@ -112,6 +115,11 @@ class Completer:
         self.token_healing = token_healing  # CompletionConfig.token_healing (localcoder.fim.healing)
         self.model_orders = model_orders  # FIM orders the model declares besides its format's (an adapter's)
         self.typed = TypedThrough() if typed_through else None  # CompletionConfig.typed_through (localcoder.typed)
+        self.router: Router | None = None  # a specialist bundle's: every request is routed to one of its adapters
+        if getattr(engine, "bundle", None) is not None:
+            from localcoder.specialists import Router
+
+            self.router = Router(engine.bundle)  # type: ignore[attr-defined]
 
     @property
     def format(self) -> FimFormat:
@@ -129,8 +137,10 @@ class Completer:
         its engine, pick the FIM format and the context budget, all from the one ``Config``."""
         from localcoder.engines import load_engine
         from localcoder.models import resolve, with_adapter
+        from localcoder.specialists import with_bundle
 
         model = with_adapter(resolve(cfg.model.model, pull_if_missing=pull, progress=progress), cfg.model.adapter)
+        model = with_bundle(model, cfg.model)  # a specialist bundle replaces the default adapter
         engine = load_engine(model, cfg.model)
         fmt = cfg.model.fim_format if cfg.model.fim_format != "auto" else model.fim_format
         # orders the model was taught (a layout adapter's first, then a distilled student's), preferred by auto
@@ -160,12 +170,31 @@ class Completer:
         """Split a prompt that already holds this format's PSM markers into (prefix, suffix)."""
         return self.format.split_psm(text)
 
+    # ---- specialists -----------------------------------------------------------------------------
+    def route(self, req: InfillRequest, key: str | None = None) -> tuple[int | None, float]:
+        """(the specialist adapter for ``req``, milliseconds routing took); (None, 0) without a bundle. A
+        document keeps its specialist (``Router``): ``key`` is the client's key for it, used when the
+        request names no file."""
+        if self.router is None:
+            return None, 0.0
+        from localcoder.specialists import routing_key
+
+        return self.router.route(routing_key(req.path, req.repo, key), req.path, req.prefix, req.suffix)
+
+    def label(self, timings: Timings, adapter: int | None, route_ms: float) -> None:
+        """Name the specialist a routed request ran under, and the routing time, in its timings."""
+        if self.router is not None and adapter is not None:
+            timings.specialist, timings.route_ms = self.router.names[adapter], route_ms
+
     # ---- generation ----------------------------------------------------------------------------
-    def stream(self, req: InfillRequest, cancel: CancelToken | None = None) -> CompletionStream:
+    def stream(self, req: InfillRequest, cancel: CancelToken | None = None, key: str | None = None
+               ) -> CompletionStream:
+        """``key``: the client's key for the request's document (the engine client's supersession key),
+        which keeps the document on its specialist when the request names no path."""
         if getattr(req, "check", None) is not None:  # execution-checked candidates (localcoder.checked)
             from localcoder.checked import checked_stream
 
-            return checked_stream(self, req, cancel)  # type: ignore[arg-type]
+            return checked_stream(self, req, cancel, key)  # type: ignore[arg-type]
         req.validate()
         shown = self.typed.lookup(req) if self.typed is not None and req.max_tokens > 0 else None
         if shown is not None:  # the user typed the start of the last suggestion: the rest of it, no model call
@@ -175,25 +204,30 @@ class Completer:
         mode = decide_mode(req.prefix, req.suffix) if req.mode == "auto" else req.mode
         rules = StopRules(mode, req.prefix, req.suffix, tuple(req.stop), req.indent)
         ids, truncated = self.prompt(req)
+        adapter, route_ms = self.route(req, key)
         gen = GenerationRequest(tokens=ids, max_tokens=req.max_tokens, sampling=req.sampling,
                                 stop_token_ids=self.format.stop_ids(self.engine.tokenizer),
-                                cancel=cancel or CancelToken(), cache_prompt=req.cache_prompt, heal=ids.heal)
+                                cancel=cancel or CancelToken(), cache_prompt=req.cache_prompt, heal=ids.heal,
+                                adapter=adapter)
         holder = CompletionStream(iter(()))
-        holder._run = self._drive(gen, rules, mode, truncated, req.time_budget_ms, holder, req)
+        holder._run = self._drive(gen, rules, mode, truncated, req.time_budget_ms, holder, req, route_ms)
         return holder
 
-    def complete(self, req: InfillRequest, cancel: CancelToken | None = None) -> CompletionResult:
-        s = self.stream(req, cancel)
+    def complete(self, req: InfillRequest, cancel: CancelToken | None = None, key: str | None = None
+                 ) -> CompletionResult:
+        s = self.stream(req, cancel, key)
         for _ in s:
             pass
         assert s.result is not None
         return s.result
 
     def _drive(self, gen: GenerationRequest, rules: StopRules, mode: str, truncated: bool,
-               budget_ms: int, holder: CompletionStream, req: InfillRequest) -> Iterator[str]:
+               budget_ms: int, holder: CompletionStream, req: InfillRequest, route_ms: float = 0.0
+               ) -> Iterator[str]:
         tok = self.engine.tokenizer
         skip = len(gen.heal.text) if gen.heal is not None else 0  # healed bytes: typed already, not inserted
         stream = self.engine.generate(gen)
+        self.label(stream.timings, gen.adapter, route_ms)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, shown, stop_type = "", "", "limit"
         t_decode: float | None = None

@@ -48,6 +48,10 @@ class ModelConfig:
         "help": "psm | spm | spm2 | auto (the model's trained order; others only when the model declares them)"})
     adapter: str = field(default="auto", metadata={
         "help": "llama.cpp LoRA adapter: auto (the layout adapter shipped for the model, if any) | off | a .gguf path"})
+    specialists: str = field(default="auto", metadata={
+        "help": "llama.cpp: a specialist bundle (`localcoder distill --specialists K`: K LoRA adapters and a router "
+                "that picks one per document): auto (the registry entry's bundle, if the model has one) | off | "
+                "a bundle directory or bundle.json; it replaces the model's default adapter"})
     cache_slots: int = field(default=3, metadata={
         "help": "llama.cpp: KV-cache slots (sequences of one context, ctx tokens each; files switch without re-reading)"})
     speculation: Speculation = field(default="auto", metadata={

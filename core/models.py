@@ -129,8 +129,9 @@ def with_adapter(model: "ResolvedModel", setting: str) -> "ResolvedModel":
         if "adapter" not in model.meta:
             return model
         return dataclasses.replace(model, meta={k: v for k, v in model.meta.items() if k != "adapter"})
-    if setting == "auto":
-        path = shipped_adapter(model.name) if model.kind == "gguf" else None
+    if setting == "auto":  # a registered specialist bundle is its base model's file: that base's adapter
+        base = model.meta.get("source") if model.meta.get("type") == "specialists" else model.name
+        path = shipped_adapter(str(base)) if model.kind == "gguf" else None
         if path is None:
             return model
     else:

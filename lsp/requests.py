@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,6 +50,7 @@ class Requests:
     _latest: dict[str, Ticket] = field(default_factory=dict)
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
     stats: RequestStats = field(default_factory=RequestStats)
+    specialists: Counter = field(default_factory=Counter)  # results by specialist adapter (a specialist bundle)
 
     def issue(self, key: str) -> Ticket:
         """A ticket for a new request on ``key``; the previous one is superseded."""
@@ -94,6 +96,8 @@ class Requests:
             if result is None or ticket.superseded or result.stop_type == "cancelled":
                 return None
             result.elapsed_ms = (time.perf_counter() - t0) * 1000
+            if result.timings.specialist is not None:
+                self.specialists[result.timings.specialist] += 1
             return result
         except asyncio.CancelledError:
             self.stats.cancelled += 1

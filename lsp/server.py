@@ -202,6 +202,8 @@ class LocalcoderServer(FramedServer, LanguageServer):
     def stats(self) -> dict[str, Any]:
         out = self.feedback.summary()
         out.update(asdict(self.requests.stats))
+        if self.requests.specialists:  # a specialist bundle: completions per specialist adapter
+            out["specialists"] = dict(self.requests.specialists)
         out["errors"] = dict(self.reporter.counts)
         out["documents"] = len(self.documents)
         out["heavy_modules"] = sorted(m for m in ("torch", "transformers", "onnxruntime", "llama_cpp")

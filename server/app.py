@@ -81,10 +81,15 @@ def _lifespan(source: CompleterSource):
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state: ServerState = app.state.lc
+
+        def ready(client: InProcessClient) -> None:
+            state.client = client  # a fast load is ready on the worker thread before the constructor returns
+            state.on_ready(state)
+
         state.client = InProcessClient(source, max_queue=state.cfg.server.max_queue,
                                        on_cancel=state.metrics.observe_cancel,
                                        on_result=state.metrics.observe_result,
-                                       on_ready=lambda client: state.on_ready(state), on_error=state.on_fatal)
+                                       on_ready=ready, on_error=state.on_fatal)
         try:
             yield
         finally:

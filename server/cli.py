@@ -44,12 +44,14 @@ def run(args: argparse.Namespace) -> int:
     from localcoder.server.app import ServerState, create_app
     from localcoder.server.auth import check_bind, resolve_api_key
     from localcoder.server.limits import uvicorn_options
+    from localcoder.specialists import open_bundle, with_bundle
 
     args.cors_origins = ",".join(args.cors_origin) if args.cors_origin else None
     cfg = config_from_args(args)
     check_bind(cfg.server, resolve_api_key(cfg.server))
     setup_logging(args.log_level)
-    resolve(cfg.model.model, pull_if_missing=True, progress=True)  # fail fast on a wrong model name
+    model = resolve(cfg.model.model, pull_if_missing=True, progress=True)  # fail fast on a wrong model name
+    open_bundle(with_bundle(model, cfg.model))  # ... and on a broken specialist bundle or one of another base
     url = f"http://{cfg.server.host}:{cfg.server.port}"
     holder: dict[str, uvicorn.Server] = {}
 

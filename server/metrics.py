@@ -11,6 +11,7 @@ from typing import Callable
 from localcoder.completion import CompletionResult
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ROUTING_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)  # specialist routing and adapter switches
 ENDPOINTS = ("/infill", "/v1/completions", "/health", "/v1/health", "/v1/models", "/metrics")
 
 
@@ -46,6 +47,9 @@ class Metrics:
         # network included) and decode, apart from the queueing and HTTP around them
         self.engine = {phase: Histogram(LATENCY_BUCKETS_S) for phase in ("prompt", "decode")}
         self.cancellations: dict[str, int] = defaultdict(int)
+        # a specialist bundle: completions per specialist, routing time and adapter switch time
+        self.specialists: dict[str, int] = defaultdict(int)
+        self.routing = {phase: Histogram(ROUTING_BUCKETS_S) for phase in ("route", "switch")}
         self.started = time.time()
 
     @staticmethod
@@ -65,6 +69,10 @@ class Metrics:
             self.tokens["generated"] += result.timings.predicted_n
             self.engine["prompt"].observe(result.timings.prompt_ms / 1000.0)
             self.engine["decode"].observe(result.timings.predicted_ms / 1000.0)
+            if result.timings.specialist is not None:
+                self.specialists[result.timings.specialist] += 1
+                self.routing["route"].observe(result.timings.route_ms / 1000.0)
+                self.routing["switch"].observe(result.timings.adapter_switch_ms / 1000.0)
 
     def observe_cancel(self, reason: str) -> None:
         with self._lock:
@@ -91,6 +99,21 @@ class Metrics:
                       "# TYPE localcoder_cancellations_total counter"]
             lines += [f'localcoder_cancellations_total{{reason="{r}"}} {n}'
                       for r, n in sorted(self.cancellations.items())]
+            if self.specialists:  # only with a specialist bundle
+                lines += ["# HELP localcoder_specialist_requests_total Completions by the specialist adapter "
+                          "they were routed to.", "# TYPE localcoder_specialist_requests_total counter"]
+                lines += [f'localcoder_specialist_requests_total{{specialist="{_escape(name)}"}} {n}'
+                          for name, n in sorted(self.specialists.items())]
+                lines += ["# HELP localcoder_specialist_seconds Per routed completion: choosing its specialist "
+                          "(route, 0 when its document had one) and setting its adapter (switch, 0 when set).",
+                          "# TYPE localcoder_specialist_seconds histogram"]
+                for phase, hist in self.routing.items():
+                    lines += hist.lines("localcoder_specialist_seconds", f'phase="{phase}"')
         for name, read in gauges.items():
             lines += [f"# TYPE localcoder_{name} gauge", f"localcoder_{name} {read()}"]
         return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    """A label value as the text format wants it (a bundle names its specialists)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -56,6 +56,7 @@ class GenerationRequest:
     cache_prompt: bool = True  # False: evaluate the whole prompt (no KV reuse)
     chunk_tokens: int = 0  # prefill chunk size (0 = the engine's batch); small for background prefill
     heal: "Heal | None" = None  # token healing: the first tokens must spell heal.text (localcoder.fim.healing)
+    adapter: int | None = None  # a specialist bundle's adapter (localcoder.specialists); None: the engine's default
 
 
 @dataclass
@@ -71,6 +72,9 @@ class Timings:
     draft_accepted_n: int = 0  # of those, accepted (equal to the target's own choice)
     target_forwards: int = 0  # target forwards during speculative decoding (tokens per forward)
     reused: bool = False  # answered from the suggestion the user typed into, without the model (localcoder.typed)
+    specialist: str | None = None  # the specialist adapter a bundle routed the request to (localcoder.specialists)
+    route_ms: float = 0.0  # choosing it (0 when the document already had one)
+    adapter_switch_ms: float = 0.0  # setting it on the engine's context (0 when it was already set)
 
     @property
     def evaluated_n(self) -> int:
@@ -80,6 +84,8 @@ class Timings:
         def rate(n: float, ms: float) -> float:
             return round(1000.0 * n / ms, 2) if ms > 0 else 0.0
 
+        routed = {"specialist": self.specialist, "route_ms": round(self.route_ms, 3),
+                  "adapter_switch_ms": round(self.adapter_switch_ms, 3)} if self.specialist is not None else {}
         return {
             "prompt_n": self.evaluated_n,
             "prompt_ms": round(self.prompt_ms, 3),
@@ -93,6 +99,7 @@ class Timings:
             "tokens_per_forward": round((self.predicted_n - 1) / self.target_forwards, 3)
             if self.target_forwards else 0.0,
             "typed_through": self.reused,
+            **routed,
         }
 
 

@@ -52,6 +52,10 @@ class SlotTable:
     extra-context ring, a prompt of its own) used to evict it (two files alternating: two 13 s cold
     prefills in 40 keystrokes, bench 2026-12-04). Each slot's ``PrefixCache`` then plans the token-exact
     reuse, so a slot that holds other text only ever contributes the tokens that are identical.
+
+    Keys and values depend on the LoRA adapter they were computed under (a specialist bundle switches
+    adapters per document), so each slot carries the ``tag`` of its adapter: a slot with another tag matches
+    nothing, and its tokens are dropped when it is taken. Without adapters every tag is None.
     """
 
     def __init__(self, n_slots: int, similarity: float = 0.5) -> None:
@@ -61,16 +65,20 @@ class SlotTable:
         self.similarity = similarity
         self._last_used = [0] * n_slots  # 0 = never used
         self._background = [False] * n_slots  # filled by background prefills only since it was last taken
+        self.tags: list[object] = [None] * n_slots  # the adapter each slot's keys/values were computed under
         self._clock = 0
 
     def __len__(self) -> int:
         return len(self.slots)
 
-    def choose(self, prompt: Sequence[int], background: bool = False) -> int:
+    def choose(self, prompt: Sequence[int], background: bool = False, tag: object = None) -> int:
         """Index of the slot for ``prompt`` (marks it most recently used); ``background``: a prefill with
-        nothing to generate."""
+        nothing to generate; ``tag``: the adapter it runs under (the slot's record is cleared when it held
+        another's: the caller then drops its KV cells, as for any prefix it does not keep)."""
         best, best_len = -1, 0
         for i, slot in enumerate(self.slots):
+            if self.tags[i] != tag:
+                continue
             n = common_prefix_len(slot.tokens, prompt)
             if n > best_len and n >= self.similarity * min(len(slot.tokens), len(prompt)):
                 best, best_len = i, n
@@ -80,6 +88,9 @@ class SlotTable:
             self._background[best] = background
         else:
             self._background[best] = self._background[best] and background
+        if self.tags[best] != tag:
+            self.slots[best].clear()
+            self.tags[best] = tag
         self._clock += 1
         self._last_used[best] = self._clock
         return best
@@ -89,3 +100,4 @@ class SlotTable:
             slot.clear()
         self._last_used = [0] * len(self.slots)
         self._background = [False] * len(self.slots)
+        self.tags = [None] * len(self.slots)

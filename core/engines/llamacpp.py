@@ -6,15 +6,20 @@ recently used) and is driven token by token through ``llama_decode`` so the engi
 slot's KV cache for the longest common token prefix, (b) stop between prefill chunks and between
 decoded tokens when cancelled, (c) time prefill and decode separately, and (d) verify speculative
 drafts in one batch with logits at every position, rolling rejected ones back (``llama_memory_seq_rm``).
+
+A specialist bundle (``localcoder.specialists``) loads its K LoRA adapters once; a request names one
+(``GenerationRequest.adapter``), the context's adapters change only when it differs from the one set,
+and each slot is tagged with the adapter its keys/values were computed under (``SlotTable``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -22,6 +27,9 @@ from localcoder.engines.base import (GenerationRequest, SampleGroup, Sampling, S
                                      check_request, run_tokens)
 from localcoder.engines.kvcache import PrefixCache, SlotTable, common_prefix_len
 from localcoder.errors import BackendUnavailable, InvalidRequest, ModelCorrupt
+
+if TYPE_CHECKING:
+    from localcoder.specialists import Bundle
 
 _F16_BYTES = 2  # llama.cpp's default K/V cache type
 
@@ -122,7 +130,8 @@ class LlamaCppEngine:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int = 0,
                  n_batch: int = 512, gpu_layers: int = -1, device: str = "auto", model_name: str | None = None,
-                 cache_slots: int = 1, drafter=None, adapter: str | os.PathLike | None = None):
+                 cache_slots: int = 1, drafter=None, adapter: str | os.PathLike | None = None,
+                 bundle: "Bundle | None" = None):
         llama_cpp = _import_llama()
         path = Path(model_path)
         if not path.is_file():
@@ -143,8 +152,22 @@ class LlamaCppEngine:
 
         self._lib = llama_cpp
         self.adapter: dict[str, str] = {}  # the LoRA adapter applied to every request: path + its metadata
-        if adapter:
-            self._apply_adapter(Path(adapter), path)
+        self._lora = None  # that adapter (llama_adapter_lora_p), None: none
+        self.bundle = bundle  # specialist adapters a request picks by index (GenerationRequest.adapter)
+        self._specialists: list = []  # their llama_adapter_lora_p, by index
+        self.specialist_meta: list[dict[str, str]] = []  # their localcoder.* metadata, by index
+        self._active: int | None = None  # the adapter set on self.ctx: a specialist's index, None: the default
+        self.adapter_switches = 0
+        self.adapter_switch_ms = 0.0
+        try:
+            if adapter:
+                self._apply_adapter(Path(adapter), path)
+            if bundle is not None:
+                self._load_specialists(bundle, path)
+        except BaseException:
+            self.ctx.close()
+            self.model.close()
+            raise
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.model_name = model_name or path.stem
@@ -164,10 +187,12 @@ class LlamaCppEngine:
         from localcoder import models
         from localcoder.engines.speculative import build_drafter
 
-        def engine(path, name, drafter=None, adapter=None) -> "LlamaCppEngine":
+        from localcoder.specialists import open_bundle
+
+        def engine(path, name, drafter=None, adapter=None, bundle=None) -> "LlamaCppEngine":
             return cls(path, n_ctx=cfg.ctx, n_threads=cfg.threads, n_batch=cfg.batch, gpu_layers=cfg.gpu_layers,
                        device=cfg.device, model_name=name, cache_slots=cfg.cache_slots, drafter=drafter,
-                       adapter=adapter)
+                       adapter=adapter, bundle=bundle)
 
         def load_draft(name: str) -> "LlamaCppEngine":
             draft = models.resolve(name)
@@ -175,8 +200,9 @@ class LlamaCppEngine:
                 raise InvalidRequest(f"the draft model must be a GGUF file; {name} is {draft.kind}", param="draft_model")
             return engine(draft.path, draft.name)
 
+        bundle = open_bundle(model)  # before the weights load: a wrong bundle is refused at once
         drafter = build_drafter(cfg.speculation, cfg.draft_model, load_draft)
-        target = engine(model.path, model.name, drafter, model.meta.get("adapter"))
+        target = engine(model.path, model.name, drafter, model.meta.get("adapter"), bundle)
         if drafter is not None and hasattr(drafter, "engine"):
             check_same_tokenizer(target, drafter.engine)
         return target
@@ -184,34 +210,90 @@ class LlamaCppEngine:
     def _apply_adapter(self, adapter: Path, base: Path) -> None:
         """Load a GGUF LoRA adapter (``localcoder distill --preset layout`` writes them) onto this
         context; its ``localcoder.*`` metadata (the FIM orders it teaches) lands in ``self.adapter``."""
-        import ctypes
-
-        lib = self._lib
         if not adapter.is_file():
             raise ModelCorrupt(f"LoRA adapter not found: {adapter}", hint="check --adapter (or use --adapter off)")
-        ptr = lib.llama_adapter_lora_init(self.model.model, str(adapter).encode())
-        if not ptr:
-            raise ModelCorrupt(f"llama.cpp could not load the LoRA adapter {adapter} onto {base.name}: not a GGUF "
-                               "LoRA, or made for another base model", hint="use --adapter off, or the adapter's base")
+        ptr = self._load_lora(adapter, base, "the LoRA adapter", "use --adapter off, or the adapter's base")
         self._lora = ptr  # sample_groups' own context applies it too
-        if lib.llama_set_adapters_lora(self.ctx.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(ptr), 1,
-                                       (ctypes.c_float * 1)(1.0)):
+        if not self._set_lora(self.ctx, ptr):
             raise ModelCorrupt(f"llama.cpp could not apply the LoRA adapter {adapter}")
-        meta = {"path": str(adapter)}
+        self.adapter = {"path": str(adapter), **self._lora_meta(ptr)}
+
+    def _load_specialists(self, bundle: "Bundle", base: Path) -> None:
+        """Load every specialist's adapter now (a request must never wait for one, nor find it broken);
+        they must teach one FIM order, since the prompt layout does not depend on the specialist."""
+        for i, s in enumerate(bundle.specialists):
+            what = f"specialist {i} ({s.name})'s adapter"
+            self._specialists.append(self._load_lora(
+                s.adapter, base, what, f"re-run the distill run that made {bundle.root}, or pass --specialists off"))
+            self.specialist_meta.append(self._lora_meta(self._specialists[-1]))
+        orders = {m.get("fim_orders", "") for m in self.specialist_meta}
+        if len(orders) > 1:
+            raise ModelCorrupt(f"the specialists of {bundle.root / 'bundle.json'} teach different FIM orders "
+                               f"({', '.join(sorted(orders))})", hint="pass --specialists off")
+
+    def _load_lora(self, adapter: Path, base: Path, what: str, hint: str):
+        ptr = self._lib.llama_adapter_lora_init(self.model.model, str(adapter).encode())
+        if not ptr:
+            raise ModelCorrupt(f"llama.cpp could not load {what} {adapter} onto {base.name}: not a GGUF LoRA, or "
+                               "made for another base model", hint=hint)
+        return ptr  # freed with the model
+
+    def _lora_meta(self, ptr) -> dict[str, str]:
+        """An adapter's ``localcoder.*`` metadata (the FIM orders it teaches, its provenance)."""
+        lib, meta = self._lib, {}
         buf = ctypes.create_string_buffer(4096)
-        for i in range(lib.llama_adapter_meta_count(ptr)):  # freed with the model
+        for i in range(lib.llama_adapter_meta_count(ptr)):
             if lib.llama_adapter_meta_key_by_index(ptr, i, buf, len(buf)) < 0:
                 continue
             key = buf.value.decode("utf-8", "replace")
             if key.startswith("localcoder.") and lib.llama_adapter_meta_val_str_by_index(ptr, i, buf, len(buf)) >= 0:
                 meta[key.removeprefix("localcoder.")] = buf.value.decode("utf-8", "replace")
-        self.adapter = meta
+        return meta
+
+    def _set_lora(self, ctx, ptr) -> bool:
+        """Make ``ptr`` (None: no adapter) the only adapter of ``ctx``; llama.cpp re-plans its graph at the
+        next decode (its KV cells stay: ``SlotTable`` tags say which adapter computed them)."""
+        lib = self._lib
+        if ptr is None:
+            return lib.llama_set_adapters_lora(ctx.ctx, None, 0, None) == 0
+        return lib.llama_set_adapters_lora(ctx.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(ptr), 1,
+                                           (ctypes.c_float * 1)(1.0)) == 0
+
+    def _lora_of(self, adapter: int | None):
+        """The adapter a request names: a specialist by index, None: the engine's default (maybe none)."""
+        if adapter is None:
+            return self._lora
+        if not 0 <= adapter < len(self._specialists):
+            raise InvalidRequest(f"adapter {adapter} is not one of the {len(self._specialists)} specialist "
+                                 "adapters this engine loaded", param="adapter")
+        return self._specialists[adapter]
+
+    def _use_adapter(self, adapter: int | None) -> float:
+        """Set ``adapter`` on the context unless it already is; milliseconds the switch took (0: none)."""
+        if adapter == self._active:
+            return 0.0
+        t0 = time.perf_counter()
+        if not self._set_lora(self.ctx, self._lora_of(adapter)):
+            raise RuntimeError(f"llama.cpp could not set adapter {adapter}")
+        self._active = adapter
+        ms = (time.perf_counter() - t0) * 1000
+        self.adapter_switches += 1
+        self.adapter_switch_ms += ms
+        return ms
+
+    def counters(self) -> dict[str, float]:
+        """With a specialist bundle: adapter switches and the time they took (``/metrics``, LSP stats)."""
+        if self.bundle is None:
+            return {}
+        return {"adapter_switches_total": self.adapter_switches,
+                "adapter_switch_seconds_total": round(self.adapter_switch_ms / 1000, 6)}
 
     @property
     def declared_orders(self) -> tuple[str, ...]:
-        """FIM orders the loaded adapter was trained for, else the model file itself (a distilled student's
-        GGUF): their ``localcoder.fim_orders`` metadata, first preferred."""
-        declared = self.adapter.get("fim_orders") or self._model_meta("localcoder.fim_orders")
+        """FIM orders the loaded adapter (or the specialists, who agree) was trained for, else the model file
+        itself (a distilled student's GGUF): their ``localcoder.fim_orders`` metadata, first preferred."""
+        declared = (self.adapter.get("fim_orders") or next((m.get("fim_orders") for m in self.specialist_meta), "")
+                    or self._model_meta("localcoder.fim_orders"))
         return tuple(o for o in declared.split(",") if o)
 
     def _model_meta(self, key: str) -> str:
@@ -227,6 +309,7 @@ class LlamaCppEngine:
 
     def generate(self, request: GenerationRequest) -> TokenStream:
         check_request(request, self.n_ctx)
+        self._lora_of(request.adapter)  # an index this engine lacks is refused now
         return TokenStream(lambda timings: self._run(request, timings))
 
     def cache_info(self) -> dict[str, int | list[int]]:
@@ -287,7 +370,9 @@ class LlamaCppEngine:
                            lambda: self.n_ctx - len(cache.tokens))
 
     def _run(self, request: GenerationRequest, timings: Timings) -> Iterator[int]:
-        slot = self._last_slot = self.slots.choose(request.tokens, background=request.max_tokens == 0)
+        timings.adapter_switch_ms = self._use_adapter(request.adapter)
+        slot = self._last_slot = self.slots.choose(request.tokens, background=request.max_tokens == 0,
+                                                   tag=request.adapter)
         keep = self.slots.slots[slot].plan(request.tokens) if request.cache_prompt else 0
         self._truncate(slot, keep)
         spec = self._speculation(slot) if self.drafter is not None else None
@@ -298,16 +383,17 @@ class LlamaCppEngine:
 
     def sample_many(self, prompt_tokens: list[int], n: int, sampling: Sampling, max_tokens: int,
                     stop: StopFn | None = None, cancel=None, stop_token_ids: frozenset[int] = frozenset(),
-                    on_step: Callable[[int], None] | None = None) -> tuple[list[list[int]], Timings]:
+                    on_step: Callable[[int], None] | None = None, adapter: int | None = None
+                    ) -> tuple[list[list[int]], Timings]:
         """``n`` continuations of one prompt: ``sample_groups`` with a single group (see there).
         Sequence i samples with seed ``sampling.seed + i`` exactly as ``generate`` would with that
         seed, so at temperature 0 each is the greedy output."""
         group = SampleGroup(list(prompt_tokens), n, sampling, max_tokens, stop, stop_token_ids)
-        outs, timings = self.sample_groups([group], cancel, on_step)
+        outs, timings = self.sample_groups([group], cancel, on_step, adapter)
         return outs[0], timings
 
-    def sample_groups(self, groups: Sequence[SampleGroup], cancel=None, on_step: Callable[[int], None] | None = None
-                      ) -> tuple[list[list[list[int]]], Timings]:
+    def sample_groups(self, groups: Sequence[SampleGroup], cancel=None, on_step: Callable[[int], None] | None = None,
+                      adapter: int | None = None) -> tuple[list[list[list[int]]], Timings]:
         """The sequences of every group decoded together, so the wall time is about that of the
         longest sequence rather than a sum over groups (``localcoder.checked``: candidates and
         test-writing sequences in one call).
@@ -320,7 +406,8 @@ class LlamaCppEngine:
         token of every live sequence of every group. Sequence i of a group samples with seed
         ``sampling.seed + i``; ``stop(i, tokens)`` ends it (its last token kept), so do a stop token
         (not kept) and the group's ``max_tokens``; ``cancel`` (a CancelToken) stops all between steps;
-        ``on_step(live)`` reports progress. Afterwards only group 0's prompt stays cached. Returns the
+        ``on_step(live)`` reports progress. Afterwards only group 0's prompt stays cached. ``adapter``: the
+        specialist adapter every sequence runs under (as ``GenerationRequest.adapter``). Returns the
         token lists per group and timings: ``prompt_n`` counts each group's prompt once, ``cached_n``
         the part of them not evaluated (reused from the previous call or shared with group 0)."""
         from localcoder.engines.base import Stopwatch
@@ -329,6 +416,7 @@ class LlamaCppEngine:
         lib, timings = self._lib, Timings()
         cells = sum(len(g.prompt) + g.n * g.max_tokens for g in groups)
         ctx, batch, mem, record = self._many_context(n_total, cells)
+        timings.adapter_switch_ms = self._many_adapter(adapter)
         first = [sum(g.n for g in groups[:k]) for k in range(len(groups))]  # each group's first sequence
         p0 = list(groups[0].prompt)
         shared = min([common_prefix_len(p0, g.prompt) for g in groups] + [len(g.prompt) - 1 for g in groups])
@@ -465,13 +553,27 @@ class LlamaCppEngine:
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
         ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
-        lora = getattr(self, "_lora", None)
-        if lora is not None:
-            lib.llama_set_adapters_lora(ctx.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(lora), 1,
-                                        (ctypes.c_float * 1)(1.0))
+        if self._lora is not None:
+            self._set_lora(ctx, self._lora)
+        self._many_active: int | None = None  # the adapter set on it, as _active for self.ctx
         batch = _internals.LlamaBatch(n_tokens=max(self.n_batch, n), embd=0, n_seq_max=1, verbose=False)
         self._many = (max(n, 1), size, ctx, batch, lib.llama_get_memory(ctx.ctx), [])
         return self._many[2:]
+
+    def _many_adapter(self, adapter: int | None) -> float:
+        """Set ``adapter`` on ``sample_groups``' context; when it changes, the cells it kept from the previous
+        call (computed under the other adapter) are dropped. Milliseconds the switch took (0: none)."""
+        ptr = self._lora_of(adapter)
+        if adapter == self._many_active:
+            return 0.0
+        t0 = time.perf_counter()
+        _, _, ctx, _, mem, record = self._many
+        if not self._set_lora(ctx, ptr):
+            raise RuntimeError(f"llama.cpp could not set adapter {adapter}")
+        self._lib.llama_memory_clear(mem, True)
+        record.clear()
+        self._many_active = adapter
+        return (time.perf_counter() - t0) * 1000
 
     def reset_cache(self) -> None:
         self._lib.llama_memory_clear(self._memory, True)
