@@ -84,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
           f"  order: {completer.order}", file=sys.stderr)
     if reports:
         print(table(reports))
+    if completer.router is not None and reports:  # a specialist bundle: the cases by the specialist they went to
+        from localcoder.eval.runner import specialist_table
+
+        print(specialist_table(completer.router, reports, Path(args.out).with_suffix(".specialists.png")
+                               if args.out else None))
     for report in checked:
         print(report.table(cfg.model.model))
     if args.out:

@@ -29,6 +29,8 @@ class Row:
     stop_type: str
     text: str
     reference: str
+    specialist: str | None = None  # a specialist bundle: the adapter the case was routed to
+    route_ms: float = 0.0  # its routing time (0: the file was routed before, sticky)
 
 
 @dataclass
@@ -77,7 +79,7 @@ def evaluate(completer: Completer, cases: Sequence[FimCase], *, execute: bool = 
         score = metrics.bleu if case.metric == "bleu" else metrics.edit_similarity
         row = Row(case.id, metrics.exact_match(result.text, case.reference), score(result.text, case.reference),
                   None, latency, result.prompt_tokens, result.tokens_cached, result.stop_type, result.text,
-                  case.reference)
+                  case.reference, result.timings.specialist, result.timings.route_ms)
         report.rows.append(row)
         if execute and case.test:
             pending.append((row, pool.submit(run_program, program(case, result.text), timeout_s)))
@@ -103,4 +105,47 @@ def table(reports: Sequence[EvalReport]) -> str:
         p = "–" if s["pass_at_1"] is None else f"{s['pass_at_1']:.3f}"
         lines.append(f"| {s['name']} | {s['n']} | {s['em']:.3f} | {s['es']:.3f} | {p} | "
                      f"{s['median_latency_ms'] / 1000:.2f} s | {s['p95_latency_ms'] / 1000:.2f} s | {s['mean_prompt_tokens']:.0f} |")
+    return "\n".join(lines)
+
+
+def specialist_table(router, reports: Sequence[EvalReport], png: Path | None = None) -> str:
+    """ES per specialist (the one each case of the first report, a bundle's run, was routed to) for every
+    report on the same cases (its baselines), routing time and adapter size; a grouped bar chart to ``png``."""
+    ours = reports[0]
+    same = [r for r in reports if [x.id for x in r.rows] == [x.id for x in ours.rows]]
+    names = router.names
+    groups = {n: [i for i, row in enumerate(ours.rows) if row.specialist == n] for n in names}
+    routed = [row.route_ms for row in ours.rows if row.route_ms > 0]
+    lines = ["| specialist | cases | adapter MB | " + " | ".join(f"ES {r.name}" for r in same) + " |",
+             "|---|---:|---:|" + "---:|" * len(same)]
+    per: dict[str, list[float]] = {r.name: [] for r in same}
+    for spec, name in zip(router.bundle.specialists, names):
+        idx = groups[name]
+        cells = []
+        for r in same:
+            es = statistics.fmean(r.rows[i].es for i in idx) if idx else float("nan")
+            per[r.name].append(es)
+            cells.append(f"{es:.3f}" if idx else "–")
+        lines.append(f"| {name} | {len(idx)} | {spec.adapter.stat().st_size / 1e6:.1f} | " + " | ".join(cells) + " |")
+    med = statistics.median(routed) if routed else 0.0
+    lines.append(f"\nrouting: {len(routed)} documents routed, median {med:.2f} ms (the other cases were sticky: 0 ms)")
+    if png is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        w = 0.8 / max(len(same), 1)
+        for j, r in enumerate(same):
+            ax.bar([i + j * w for i in range(len(names))], per[r.name], w, label=r.name[:40])
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(names))],
+                      [f"{n} (n={len(groups[n])})" for n in names])
+        ax.set_ylabel("ES")
+        ax.set_title("ES per specialist (cases by the specialist they were routed to)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
     return "\n".join(lines)

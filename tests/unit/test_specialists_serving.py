@@ -222,3 +222,32 @@ async def test_the_lsp_path_routes_per_document_and_reports_counts_per_specialis
         assert [s["requests"] for s in health["specialists"]["specialists"]] == [2, 1]
     finally:
         await client.close()
+
+
+def test_eval_reports_es_per_specialist_for_the_bundle_and_its_baselines(bundle_dir, tmp_path):
+    from localcoder.eval.runner import evaluate, specialist_table
+    from localcoder.eval.tasks import FimCase
+
+    engine = FakeEngine(completion="value\n")
+    engine.bundle = load_bundle(bundle_dir)
+    completer = Completer(engine, "qwen")
+    cases = [FimCase(id=f"c{i}", prefix=ctx, suffix="\n", reference=ref, mode="single", language=lang, path=path)
+             for i, (ctx, ref, lang, path) in enumerate([
+                 (PY_CONTEXT, "value\n", "python", "a.py"), (PY_CONTEXT, "options\n", "python", "a.py"),
+                 (JS_CONTEXT, "items\n", "javascript", "b.js")])]
+    ours = evaluate(completer, cases, execute=False, progress=False, name="bundle")
+    assert [r.specialist for r in ours.rows] == ["python", "python", "javascript"]
+    assert ours.rows[0].route_ms > 0 and ours.rows[1].route_ms == 0  # the second case of a.py is sticky
+    plain = evaluate(Completer(FakeEngine(completion="items\n"), "qwen"), cases, execute=False, progress=False,
+                     name="baseline")
+    png = tmp_path / "per.png"
+    text = specialist_table(completer.router, [ours, plain], png)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| python")
+            or line.startswith("| javascript")}
+    py_cells = [c.strip() for c in rows["python"].split("|")[2:-1]]
+    js_cells = [c.strip() for c in rows["javascript"].split("|")[2:-1]]
+    assert py_cells[0] == "2" and js_cells[0] == "1"
+    # python cases: the bundle got one exact and one partial, the baseline ("items") neither exactly
+    assert float(py_cells[2]) == pytest.approx((ours.rows[0].es + ours.rows[1].es) / 2)
+    assert float(js_cells[3]) == 1.0 and float(js_cells[2]) < 1.0
+    assert "2 documents routed" in text and png.stat().st_size > 1000
