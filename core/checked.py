@@ -54,6 +54,8 @@ Progress = Callable[[str, int, int], None]  # (what, done, total): "candidates" 
 
 MAX_CANDIDATES = 32
 MAX_TESTS = 32
+MAX_ASSERT_CHARS = 240  # a generated assertion line longer than this is degenerate: its sequence stops there
+STRAGGLER_MIN_TOKENS = 32  # a candidate shorter than this is never cut as a straggler
 
 
 @dataclass
@@ -65,6 +67,9 @@ class CheckOptions:
     top_k: int = 40
     seed: int = 0
     max_tokens: int = 256  # per candidate
+    # once half of the candidates have finished, one still running at this many times the longest finished one
+    # is stopped there (it then usually fails its tests): the batch's longest sequence sets the decode time. 0: off
+    straggler: float = 2.0
     test_tokens: int = 192  # per test-writing sequence
     test_seconds: float = 1.0  # per test, in the sandbox
     tests_budget_seconds: float = 8.0  # all tests of one candidate (a loop in C code ignores the per-test timer)
@@ -76,7 +81,8 @@ class CheckOptions:
     def from_config(cls, c) -> "CheckOptions":
         """From a ``config.CheckConfig`` (the CLI flags, the config file, the environment)."""
         return cls(candidates=c.candidates, tests=c.check_tests, temperature=c.check_temperature,
-                   top_p=c.check_top_p, seed=c.check_seed, max_tokens=c.check_max_tokens)
+                   top_p=c.check_top_p, seed=c.check_seed, max_tokens=c.check_max_tokens,
+                   straggler=c.check_straggler)
 
     def validate(self) -> None:
         if not 1 <= self.candidates <= MAX_CANDIDATES:
@@ -89,6 +95,8 @@ class CheckOptions:
             raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
         if not 1 <= self.max_tokens <= 4096:
             raise InvalidRequest("max_tokens must be 1..4096 for checked completions", param="max_tokens")
+        if self.straggler != 0 and not 1 <= self.straggler <= 100:
+            raise InvalidRequest("check_straggler must be 0 (off) or 1..100", param="check_straggler")
 
 
 # ---- where the cursor is -------------------------------------------------------------------------
@@ -347,6 +355,7 @@ class _Texts:
         self.dec = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n)]
         self.text = [""] * n
         self.seen = [0] * n
+        self.cut: set[int] = set()  # sequences stopped as stragglers (candidates_group)
 
     def update(self, i: int, toks: list[int]) -> str:
         for t in toks[self.seen[i]:]:
@@ -383,8 +392,24 @@ def candidates_group(completer, req: InfillRequest, opts: CheckOptions) -> tuple
     rules = StopRules("multi", req.prefix, req.suffix, tuple(req.stop), req.indent)
     texts = _Texts(engine.tokenizer, opts.candidates)
 
+    lengths: dict[int, int] = {}  # tokens of each candidate when it was last seen
+    ended: set[int] = set()  # ended by the stop rules
+
     def stop(i: int, toks: list[int]) -> bool:
-        return rules.check(texts.update(i, toks)) is not None
+        n = len(toks)
+        lengths[i] = n
+        if rules.check(texts.update(i, toks)) is not None:
+            ended.add(i)
+            return True
+        if opts.straggler <= 0 or n < STRAGGLER_MIN_TOKENS:
+            return False
+        # finished: ended by a rule, or not seen at the last step (a stop token or its own limit ended it;
+        # batched sequences advance one token per step, sequential ones are seen only once they start)
+        done = [m for j, m in lengths.items() if j != i and (j in ended or m < n - 1)]
+        if 2 * len(done) >= opts.candidates and n > opts.straggler * max(done):
+            texts.cut.add(i)
+            return True
+        return False
 
     ids = _prompt(completer, InfillRequest(req.prefix, req.suffix, req.snippets, req.path, req.repo, req.language,
                                            "multi", opts.max_tokens, budget=req.budget, order=req.order))
@@ -425,8 +450,10 @@ def tests_group(completer, req: InfillRequest, fn: FunctionAt,
     texts = _Texts(engine.tokenizer, n)
 
     def stop(i: int, toks: list[int]) -> bool:
-        lines = f"assert x({texts.update(i, toks)}".split("\n")[:-1]  # complete lines only
-        body = [line for line in lines if line.strip()]
+        all_lines = f"assert x({texts.update(i, toks)}".split("\n")
+        if len(all_lines[-1]) > MAX_ASSERT_CHARS:  # a runaway line (it is dropped: only complete lines count)
+            return True
+        body = [line for line in all_lines[:-1] if line.strip()]  # complete lines only
         return any(not line.startswith("assert") for line in body) or len(body) >= per
 
     ids = _prompt(completer, InfillRequest(tests_prompt_prefix(req.prefix, fn), "", mode="multi",
@@ -717,7 +744,8 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
     progress("candidates", opts.candidates, opts.candidates)
     t_cand = time.perf_counter()
     evidence: dict[str, Any] = {"language": "python" if python else (req.language or "unknown"),
-                                "batched_decode": batched, "n_samples": len(samples)}
+                                "batched_decode": batched, "n_samples": len(samples),
+                                "stragglers_cut": sorted(cand_texts.cut)}
     timings: dict[str, Any] = {
         "sampling_ms": round((t_sampled - t_sample) * 1000, 1), "candidates_ms": round((t_cand - t0) * 1000, 1),
         "decode": decode_t.to_dict(), "sampled_tokens": {"candidates": sum(map(len, outs[0])),

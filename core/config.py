@@ -122,6 +122,9 @@ class CheckConfig:
     check_top_p: float = field(default=0.95, metadata={"help": "checked completion: nucleus sampling top-p"})
     check_seed: int = field(default=0, metadata={"help": "checked completion: seed of the first candidate (+i for the i-th)"})
     check_max_tokens: int = field(default=256, metadata={"help": "checked completion: tokens per candidate"})
+    check_straggler: float = field(default=2.0, metadata={
+        "help": "checked completion: once half the candidates finished, stop one running past this many times the "
+                "longest finished one (0 = off)"})
 
 
 @dataclass

@@ -109,6 +109,26 @@ def test_grouped_sampling_without_a_batched_engine_equals_one_call_per_group():
     assert done == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
 
 
+def test_a_straggler_is_cut_once_half_the_candidates_finished_and_runaway_assert_lines_stop():
+    long_body = "".join(f"    x{i} = a + {i}\n" for i in range(10)) + "    return a + b\n"
+    out, _ = run([GOOD, WRONG, long_body, GOOD])
+    assert out.evidence["stragglers_cut"] == [2]  # seeds 0, 1 finished at ~17 tokens; seed 2 ran past 2x that
+    cut = next(c for c in out.evidence["candidates"] if c["text"].startswith("    x0"))
+    assert len(cut["text"]) < len(long_body) / 2
+    assert out.candidates[0].text == GOOD.rstrip("\n")
+    whole, _ = run([GOOD, WRONG, long_body, GOOD], straggler=0.0)  # off: every candidate runs to its end
+    assert whole.evidence["stragglers_cut"] == []
+    assert any(c["text"] == long_body.rstrip("\n") for c in whole.evidence["candidates"])
+    with pytest.raises(InvalidRequest) as e:
+        CheckOptions(straggler=0.5).validate()
+    assert e.value.param == "check_straggler"
+    # a test-writing sequence whose line runs away stops there; the partial line is not a test
+    runaway = ["1, 2) == 3\nassert add(" + "1 + " * 100, "0, 0) == 0\n"]
+    out, _ = run([GOOD], tests=runaway)
+    gen = [t["code"] for t in out.evidence["tests"] if t["kind"] == "generated"]
+    assert gen == ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]
+
+
 def test_codet_score_is_group_size_times_tests_passed():
     tests = [Test("a", "generated", "assert 1"), Test("b", "generated", "assert 1"), Test("c", "generated", "assert 1")]
     p = "passed"
