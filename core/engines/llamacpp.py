@@ -49,6 +49,7 @@ class LlamaTokenizer:
     def __init__(self, llm) -> None:
         import llama_cpp
 
+        self._owner = llm  # a Llama frees its model when collected: keep it alive (the bench's vocab-only one)
         self._model = getattr(llm, "_model", llm)
         self._lib = llama_cpp
         self._vocab = self._model.vocab

@@ -57,6 +57,22 @@ def test_llama_tokenizer_does_not_parse_fim_strings_in_user_text(llama_engine):
     assert b"".join(tok.token_bytes(t) for t in tok.tokenize(text)).decode() == text
 
 
+def test_a_vocab_only_tokenizer_equals_the_engines_and_llama_cpp_pythons(llama_engine, model_05b_path):
+    """The bench tokenizes with a vocab-only model it does not keep: the tokenizer must keep it alive (a collected
+    ``Llama`` frees its model, and tokenizing then crashed `localcoder bench`'s cold and typing workloads)."""
+    import llama_cpp
+
+    from localcoder.engines.llamacpp import LlamaTokenizer
+
+    vocab_only = LlamaTokenizer(llama_cpp.Llama(model_path=str(model_05b_path), vocab_only=True, verbose=False))
+    text = "def héllo(x):\n    return x  # <|fim_middle|> 😀\n" * 50
+    ids = vocab_only.tokenize(text)
+    assert ids == llama_engine.tokenizer.tokenize(text) and len(ids) > 500
+    assert ids == llama_engine.tokenizer._model.tokenize(text.encode(), False, False)  # llama-cpp-python's own
+    assert vocab_only.tokenize("<|fim_middle|>", special=True) == [vocab_only.special_token_id("<|fim_middle|>")]
+    assert vocab_only.tokenize("") == []
+
+
 def test_complete_cli_on_the_real_model(tmp_path, model_05b_path):
     f = tmp_path / "fib.py"
     f.write_text(FIB_PREFIX + FIB_SUFFIX)
