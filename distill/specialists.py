@@ -94,7 +94,7 @@ def top_paths(labels: np.ndarray, sources: list[str], k: int, n: int = 8) -> lis
     return out
 
 
-def train_specialists(run, cache_dir: Path, *, resume: bool, progress: bool, s_tok, init):
+def train_specialists(run, *, resume: bool, progress: bool):
     """Cluster the run's training rows and train one LoRA per cluster; returns the train module's Result
     with ``model_dir`` = the bundle directory (the run's output directory)."""
     from tqdm import tqdm

@@ -347,8 +347,7 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
         from localcoder.distill.specialists import train_specialists
 
         with stages.stage("train"):
-            result = train_specialists(run, cache_dir, resume=resume, progress=progress and dist.main,
-                                       s_tok=s_tok, init=init)
+            result = train_specialists(run, resume=resume, progress=progress and dist.main)
         distributed.close(dist)
         return result
 
