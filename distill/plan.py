@@ -151,6 +151,18 @@ class Stages:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         self.file.write_text(json.dumps(data, indent=1))
 
+    def revise(self, name: str, fraction: float, why: str) -> None:
+        """Scale one stage's estimate once the run knows more than the plan did (e.g. teacher rows already
+        cached by an earlier run on the same data), say so, and keep the note with the estimate."""
+        if self.est is None or name not in self.est.minutes or not self.enabled:
+            return
+        old = self.est.minutes[name]
+        self.est.minutes[name] = round(old * max(0.0, min(1.0, fraction)), 1)
+        self.est.notes.append(f"{name}: {old:.1f} -> {self.est.minutes[name]:.1f} min ({why})")
+        say(f"estimate revised: {name} {old:.0f} -> {self.est.minutes[name]:.0f} min ({why}); "
+            f"total now {self.est.total_minutes:.0f} min")
+        self.save()
+
     def compare(self) -> str:
         """A table of estimate vs actual minutes per stage."""
         est = self.est.minutes if self.est else {}

@@ -39,7 +39,7 @@ from localcoder.distill.distributed import Dist, init_distributed, is_fsdp, shar
 from localcoder.distill.fim_transform import FimSpec, Packed, build_split, tokenizer_hash
 from localcoder.distill.lora import adapter_path, load_adapter, with_lora
 from localcoder.distill.memory import autocast_dtype, check_fits, check_memory, estimate_memory_gb
-from localcoder.distill.plan import check_rows, plan
+from localcoder.distill.plan import Stages, check_rows, plan
 from localcoder.distill.teacher import TopKCache, cache_dir_for, online_logits, onpolicy_rows
 from localcoder.errors import InvalidRequest
 
@@ -339,7 +339,7 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
     # 2. teacher targets for every row this schedule will read (+ validation rows)
     if cfg.teacher_mode == "cached":
         with stages.stage("teacher"):
-            run.cache, run.val_cache = fill_teacher_cache(run, cache_dir, progress)
+            run.cache, run.val_cache = fill_teacher_cache(run, cache_dir, progress, stages)
         if not cfg.onpolicy_steps:  # not needed in the loop any more (on-policy excludes FSDP, see config)
             run.teacher = None
 
@@ -414,7 +414,7 @@ def train_loop(run: Run, st: RunState, bar) -> None:
 
 
 # ---- stage 2b: teacher targets ------------------------------------------------------------------------------------
-def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool):
+def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool, stages: Stages | None = None):
     """Teacher top-k for the rows the schedule reads (all of them once the schedule wraps an epoch) and
     for the validation rows. Replicated teachers: each rank fills a disjoint share; an FSDP-sharded teacher:
     all ranks run the rows rank 0 found missing, in lockstep, and rank 0 stores them.
@@ -444,11 +444,16 @@ def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool):
         return todo[0]
 
     kw = dict(lockstep=lockstep, write=dist.main or not lockstep, autocast=run.autocast)
+    n = len(data.train)
+    needed = list(range(n)) if cfg.steps * run.per_step >= n or cfg.specialists else sorted(
+        {r for s in range(cfg.steps) for r in rows_for_step(s, n, run.per_step, cfg.seed)})
+    if stages is not None and dist.main:  # the plan could not know what an earlier run already cached
+        rows = len(needed if train_cache is not None else []) + n_val
+        todo = len(train_cache.missing(needed) if train_cache is not None else []) + len(val_cache.missing(range(n_val)))
+        if todo < rows:
+            stages.revise("teacher", todo / max(1, rows), f"{rows - todo} of {rows} rows already cached")
     val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
     if train_cache is not None:
-        n = len(data.train)
-        needed = list(range(n)) if cfg.steps * run.per_step >= n or cfg.specialists else sorted(
-            {r for s in range(cfg.steps) for r in rows_for_step(s, n, run.per_step, cfg.seed)})
         t0 = time.perf_counter()
         done = train_cache.fill(teacher, data.train.teacher_ids, share(train_cache, needed),
                                 progress=progress and dist.main, **kw)

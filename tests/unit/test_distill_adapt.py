@@ -115,6 +115,9 @@ def test_stages_record_actual_minutes_beside_the_estimate_and_survive_a_resume(t
     assert again.est.minutes == est.minutes and "teacher" in again.actual
     table = again.compare()
     assert "| teacher | 2.0 | 0.0 |" in table and "| train | 3.0 |  |" in table and "**total** | 5.0" in table
+    again.revise("teacher", 0.25, "3 of 4 rows already cached")
+    assert Stages(tmp_path).est.minutes == {"teacher": 0.5, "train": 3.0}
+    assert "**total** | 3.5" in again.compare() and "2.0 -> 0.5" in again.est.notes[-1]
 
 
 def test_registered_models_declare_the_order_they_were_trained_for(tmp_path, monkeypatch, tiny_qwen_dir):
@@ -197,6 +200,11 @@ def test_runs_whose_students_read_other_orders_share_one_teacher_pass(tiny_qwen_
           progress=False)
     err = capsys.readouterr().err
     assert "teacher top-8: 0 rows computed" in err  # the spm student reuses the psm student's teacher targets
+    # and the estimate it printed before starting is revised once the run sees the cache: no teacher minutes left
+    assert "estimate revised: teacher" in err and "rows already cached" in err
+    stages = json.loads((tmp_path / "b" / "stages.json").read_text())
+    assert stages["estimate"]["minutes"]["teacher"] == 0.0
+    assert any(n.startswith("teacher:") and "already cached" in n for n in stages["estimate"]["notes"])
 
 
 def test_a_registered_base_plus_adapter_serves_with_it_and_off_drops_it(tmp_path, monkeypatch):
