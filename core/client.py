@@ -99,6 +99,9 @@ class EngineClient(Protocol):
 
     def prefill(self, request: InfillRequest, key: str | None = None) -> None: ...
 
+    def forget(self, path: str | None, repo: str | None = None, key: str | None = None) -> None:
+        """The editor closed this document: drop what is kept for it (its specialist's sticky route)."""
+
     async def health(self) -> dict[str, Any]: ...
 
     async def wait_ready(self, timeout_s: float | None = None) -> None: ...
@@ -238,6 +241,15 @@ class InProcessClient:
         """Warm the cache for ``request``'s prompt when nothing else waits; never delays a real request."""
         warm = InfillRequest(**{**request.__dict__, "max_tokens": 0})
         self._submit(warm, key, None, background=True)
+
+    def forget(self, path: str | None, repo: str | None = None, key: str | None = None) -> None:
+        completer = self.completer
+        if completer is not None and completer.router is not None:
+            from localcoder.specialists import routing_key
+
+            for doc in {routing_key(path, repo, key), key}:  # by its path, or by the client's key when it had none
+                if doc:
+                    completer.router.forget(doc)
 
     async def abort(self, key: str) -> None:
         with self._cond:
@@ -562,6 +574,9 @@ class HttpClient:
             if piece:
                 text.append(piece)
                 yield Delta(piece)
+
+    def forget(self, path: str | None, repo: str | None = None, key: str | None = None) -> None:
+        """Nothing to send: the server keeps routes per path in a bounded LRU (``Router.max_documents``)."""
 
     async def abort(self, key: str) -> None:
         if key in self._live:

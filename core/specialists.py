@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -306,6 +307,7 @@ class Router:
     def __init__(self, bundle: Bundle, max_documents: int = 1024):
         self.bundle = bundle
         self._sticky: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
         self.max_documents = max_documents
         self.counts = [0] * len(bundle)  # requests per specialist
         self.routed = 0  # embeddings computed (non-sticky decisions)
@@ -322,9 +324,12 @@ class Router:
 
     def route(self, key: str | None, path: str | None, prefix: str, suffix: str) -> tuple[int, float]:
         """(specialist index, milliseconds spent embedding: 0 for a sticky hit)."""
-        if key and key in self._sticky:
-            self._sticky.move_to_end(key)
-            idx, ms = self._sticky[key], 0.0
+        with self._lock:  # the engine's worker routes; the LSP's event loop forgets closed documents
+            idx = self._sticky.get(key) if key else None
+            if idx is not None:
+                self._sticky.move_to_end(key)  # type: ignore[arg-type]
+        if idx is not None:
+            ms = 0.0
         else:
             t0 = time.perf_counter()
             idx = self.nearest(routing_text(path, prefix, suffix))[0]
@@ -332,14 +337,16 @@ class Router:
             self.routed += 1
             self.route_ms_total += ms
             if key:
-                self._sticky[key] = idx
-                while len(self._sticky) > self.max_documents:
-                    self._sticky.popitem(last=False)
+                with self._lock:
+                    self._sticky[key] = idx
+                    while len(self._sticky) > self.max_documents:
+                        self._sticky.popitem(last=False)
         self.counts[idx] += 1
         return idx, ms
 
     def forget(self, key: str) -> None:
-        self._sticky.pop(key, None)
+        with self._lock:
+            self._sticky.pop(key, None)
 
     def summary(self) -> dict:
         """The bundle and its specialists with the requests each was given (``/health``)."""

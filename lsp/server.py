@@ -294,8 +294,11 @@ def on_prefetch(ls: LocalcoderServer, params: Any) -> None:
 
 
 def on_close(ls: LocalcoderServer, params: types.DidCloseTextDocumentParams) -> None:
-    ls.documents.close(params.text_document.uri)
-    ls.context.forget(params.text_document.uri)
+    uri = params.text_document.uri
+    ls.documents.close(uri)
+    ls.context.forget(uri)
+    if ls.client is not None:  # its specialist's sticky route (a bundle) goes with it
+        ls.client.forget(uri_to_path(uri, ls.root_uri), uri_to_path(ls.root_uri) if ls.root_uri else None, key=uri)
 
 
 def _accept_command(cid: int) -> types.Command:

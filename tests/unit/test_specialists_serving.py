@@ -204,8 +204,10 @@ async def test_the_lsp_path_routes_per_document_and_reports_counts_per_specialis
     """The LSP's in-process path: Requests.run -> InProcessClient.generate(req, key=uri) -> Completer.stream:
     the document's key reaches the router (a request without a path stays on its document's specialist),
     and ``localcoder/stats`` counts results per specialist."""
+    from lsprotocol import types
+
     from localcoder.client import InProcessClient
-    from localcoder.lsp.server import LocalcoderServer
+    from localcoder.lsp.server import LocalcoderServer, on_close
 
     engine = FakeEngine(completion="x\n")
     engine.bundle = load_bundle(bundle_dir)
@@ -220,6 +222,13 @@ async def test_the_lsp_path_routes_per_document_and_reports_counts_per_specialis
         assert ls.stats()["specialists"] == {"python": 2, "javascript": 1}  # a's JavaScript stayed on python
         health = await client.health()
         assert [s["requests"] for s in health["specialists"]["specialists"]] == [2, 1]
+        assert health["specialists"]["documents"] == 2
+        # the editor closes a: its route goes (didClose), so a reopened a is routed afresh by its text
+        on_close(ls, types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri="file:///w/a")))
+        assert (await client.health())["specialists"]["documents"] == 1
+        result = await ls.requests.run(client, ls.requests.issue("file:///w/a"),
+                                       lambda: InfillRequest(JS_CONTEXT, "", max_tokens=2))
+        assert result is not None and result.timings.specialist == "javascript"
     finally:
         await client.close()
 
