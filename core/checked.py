@@ -18,7 +18,10 @@ For the function whose body holds the cursor (Python):
    stderr discarded, a per-test timer, the whole process group killed at the end or on cancel).
 4. **Ranking** (CodeT, Chen et al. 2022): candidates are grouped by the set of tests they pass; a
    group scores (samples in it) × (tests it passes); every candidate takes its group's score.
-   Duplicate samples are merged into one candidate whose ``samples`` count is its weight.
+   Duplicate samples are merged into one candidate whose ``samples`` count is its weight. The greedy
+   body is decoded in the same batch (``CheckOptions.greedy``, on by default): it weighs as one more
+   sample, and it goes first among candidates of equal score, so where the tests tell nothing (no
+   tests, none passed, a tie) the answer is the plain completion's.
 
 Other languages get the N candidates unranked, with a note. ``CheckedRequest`` is an
 ``InfillRequest`` that ``Completer.stream`` hands to ``checked_stream``; its ``validate`` rejects a
@@ -70,6 +73,9 @@ class CheckOptions:
     # once half of the candidates have finished, one still running at this many times the longest finished one
     # is stopped there (it then usually fails its tests): the batch's longest sequence sets the decode time. 0: off
     straggler: float = 2.0
+    # the greedy body decoded beside the N samples (one more sequence of the same batch): a candidate whose group
+    # it joins, and the first among equals: where the tests do not tell candidates apart, the answer is greedy's
+    greedy: bool = True
     test_tokens: int = 192  # per test-writing sequence
     test_seconds: float = 1.0  # per test, in the sandbox
     tests_budget_seconds: float = 8.0  # all tests of one candidate (a loop in C code ignores the per-test timer)
@@ -82,7 +88,7 @@ class CheckOptions:
         """From a ``config.CheckConfig`` (the CLI flags, the config file, the environment)."""
         return cls(candidates=c.candidates, tests=c.check_tests, temperature=c.check_temperature,
                    top_p=c.check_top_p, seed=c.check_seed, max_tokens=c.check_max_tokens,
-                   straggler=c.check_straggler)
+                   straggler=c.check_straggler, greedy=c.check_greedy)
 
     def validate(self) -> None:
         if not 1 <= self.candidates <= MAX_CANDIDATES:
@@ -377,20 +383,23 @@ def _prompt(completer, req: InfillRequest) -> list[int]:
 @dataclass
 class Candidate:
     text: str
-    samples: int  # how many of the N samples produced this text
+    samples: int  # how many of the N samples produced this text (the greedy body is not counted here)
     index: int  # first sample that produced it
     define: str = "not run"  # the candidate's module ran: passed | error: ... | timeout
     results: dict[str, str] = field(default_factory=dict)  # test id -> passed | failed... | error: ...
     score: int = 0
     passed: tuple[str, ...] = ()
+    greedy: bool = False  # the greedy body is this text
 
 
-def candidates_group(completer, req: InfillRequest, opts: CheckOptions) -> tuple[SampleGroup, _Texts, StopRules]:
-    """The N candidate bodies to sample (FIM prompt in multi-line mode, the completion's stop rules),
-    with the texts and rules that ``merge_candidates`` finishes them with."""
+def candidates_group(completer, req: InfillRequest, opts: CheckOptions
+                     ) -> tuple[SampleGroup, SampleGroup | None, _Texts, StopRules]:
+    """The N candidate bodies to sample (FIM prompt in multi-line mode, the completion's stop rules) and the
+    greedy body's group of one (None when ``opts.greedy`` is off), with the texts and rules that
+    ``merge_candidates`` finishes them with (the greedy body's text is the last)."""
     engine = completer.engine
     rules = StopRules("multi", req.prefix, req.suffix, tuple(req.stop), req.indent)
-    texts = _Texts(engine.tokenizer, opts.candidates)
+    texts = _Texts(engine.tokenizer, opts.candidates + opts.greedy)  # the greedy body, when wanted, is the last
 
     lengths: dict[int, int] = {}  # tokens of each candidate when it was last seen
     ended: set[int] = set()  # ended by the stop rules
@@ -401,7 +410,7 @@ def candidates_group(completer, req: InfillRequest, opts: CheckOptions) -> tuple
         if rules.check(texts.update(i, toks)) is not None:
             ended.add(i)
             return True
-        if opts.straggler <= 0 or n < STRAGGLER_MIN_TOKENS:
+        if opts.straggler <= 0 or n < STRAGGLER_MIN_TOKENS or i >= opts.candidates:  # the greedy body is never cut
             return False
         # finished: ended by a rule, or not seen at the last step (a stop token or its own limit ended it;
         # batched sequences advance one token per step, sequential ones are seen only once they start)
@@ -414,24 +423,35 @@ def candidates_group(completer, req: InfillRequest, opts: CheckOptions) -> tuple
     ids = _prompt(completer, InfillRequest(req.prefix, req.suffix, req.snippets, req.path, req.repo, req.language,
                                            "multi", opts.max_tokens, budget=req.budget, order=req.order))
     sampling = Sampling(opts.temperature, opts.top_k, opts.top_p, opts.seed)
-    group = SampleGroup(ids, opts.candidates, sampling, opts.max_tokens, stop,
-                        completer.format.stop_ids(engine.tokenizer))
-    return group, texts, rules
+    stop_ids = completer.format.stop_ids(engine.tokenizer)
+    group = SampleGroup(ids, opts.candidates, sampling, opts.max_tokens, stop, stop_ids)
+    greedy = SampleGroup(ids, 1, Sampling(0.0, opts.top_k, 1.0, opts.seed), opts.max_tokens,
+                         lambda i, toks: stop(opts.candidates, toks), stop_ids) if opts.greedy else None
+    return group, greedy, texts, rules
 
 
-def merge_candidates(outs: list[list[int]], texts: _Texts, rules: StopRules) -> tuple[list[Candidate], list[str]]:
-    """Distinct candidates (with sample counts) and every sample's final text, in order."""
-    finals = []
-    for i, toks in enumerate(outs):
+def merge_candidates(outs: list[list[int]], texts: _Texts, rules: StopRules, greedy: list[int] | None = None
+                     ) -> tuple[list[Candidate], list[str]]:
+    """Distinct candidates (with sample counts) and every sample's final text, in order. ``greedy``: the
+    greedy body's tokens; its text is marked ``greedy`` (a candidate of its own, with 0 samples, when no
+    sample wrote it); ``rank`` weighs it as one sample, but it is not one (pass@k counts samples only)."""
+    def final(i: int, toks: list[int]) -> str:
         text = texts.update(i, toks)
         hit = rules.check(text, final=True)
-        finals.append(rules.finish(text[: hit[0]] if hit is not None else text))
+        return rules.finish(text[: hit[0]] if hit is not None else text)
+
+    finals = [final(i, toks) for i, toks in enumerate(outs)]
     merged: dict[str, Candidate] = {}
     for i, text in enumerate(finals):
         if text in merged:
             merged[text].samples += 1
         else:
             merged[text] = Candidate(text, 1, i)
+    if greedy is not None:
+        text = final(len(outs), greedy)
+        if text not in merged:
+            merged[text] = Candidate(text, 0, len(outs))
+        merged[text].greedy = True
     return list(merged.values()), finals
 
 
@@ -683,7 +703,8 @@ def execute(candidates: Sequence[Candidate], program_of: Callable[[str], str], t
 
 def rank(candidates: list[Candidate], tests: list[Test]) -> tuple[list[Candidate], list[Test], int]:
     """CodeT's dual agreement. Generated tests that no candidate passes are dropped (their count is
-    returned); examples from the docstring stay. Candidates sorted by score, then samples, then order."""
+    returned); examples from the docstring stay. Candidates sorted by score, then the greedy body first
+    among equals, then samples, then order."""
     def passes(c: Candidate, t: Test) -> bool:
         return c.define == "passed" and c.results.get(t.id) == "passed"
 
@@ -692,10 +713,10 @@ def rank(candidates: list[Candidate], tests: list[Test]) -> tuple[list[Candidate
     groups: dict[tuple[str, ...], int] = {}
     for c in candidates:
         c.passed = tuple(t.id for t in kept if passes(c, t))
-        groups[c.passed] = groups.get(c.passed, 0) + c.samples
+        groups[c.passed] = groups.get(c.passed, 0) + c.samples + c.greedy  # the greedy body weighs as one sample
     for c in candidates:
         c.score = groups[c.passed] * len(c.passed)
-    ordered = sorted(candidates, key=lambda c: (-c.score, -c.samples, c.index))
+    ordered = sorted(candidates, key=lambda c: (-c.score, not c.greedy, -c.samples, c.index))
     return ordered, kept, dropped
 
 
@@ -727,9 +748,9 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
     t0 = time.perf_counter()
     python = is_python(req.language, req.path)
     fn = require_function(req.prefix, req.suffix) if python else None
-    cand_group, cand_texts, rules = candidates_group(completer, req, opts)
+    cand_group, greedy_group, cand_texts, rules = candidates_group(completer, req, opts)
     writing = tests_group(completer, req, fn, opts) if fn is not None else None
-    groups = [cand_group] + ([writing[0]] if writing is not None else [])
+    groups = [cand_group] + ([writing[0]] if writing is not None else []) + ([greedy_group] if greedy_group else [])
 
     def done(k: int, finished: int) -> None:
         if k == 0:
@@ -740,7 +761,7 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
     outs, decode_t, batched = sample_groups(completer.engine, groups, cancel, done, adapter)
     completer.label(decode_t, adapter, route_ms)
     t_sampled = time.perf_counter()
-    cands, samples = merge_candidates(outs[0], cand_texts, rules)
+    cands, samples = merge_candidates(outs[0], cand_texts, rules, outs[-1][0] if greedy_group else None)
     progress("candidates", opts.candidates, opts.candidates)
     t_cand = time.perf_counter()
     evidence: dict[str, Any] = {"language": "python" if python else (req.language or "unknown"),
@@ -771,9 +792,9 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
     any_pass = any(c.score > 0 for c in ranked)
     note = None
     if not tests:
-        note = "no tests: ranked by how often each candidate was sampled"
+        note = "no tests: the greedy body first, then by how often each candidate was sampled"
     elif not any_pass:
-        note = "no candidate passed any test: ranked by how often each candidate was sampled"
+        note = "no candidate passed any test: the greedy body first, then by how often each candidate was sampled"
     timings.update(tests_ms=round((t_tests - t_cand) * 1000, 1), exec_ms=round((t_exec - t_tests) * 1000, 1),
                    total_ms=round((t_exec - t0) * 1000, 1))
     evidence.update(
@@ -787,7 +808,8 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
 
 
 def _cand_json(c: Candidate, rank_no: int) -> dict[str, Any]:
-    return {"rank": rank_no, "text": c.text, "samples": c.samples, "score": c.score, "passed": list(c.passed),
+    return {"rank": rank_no, "text": c.text, "samples": c.samples, "greedy": c.greedy, "score": c.score,
+            "passed": list(c.passed),
             "failed": {k: v for k, v in c.results.items() if v != "passed"},
             "error": None if c.define in ("passed", "not run") else c.define}
 

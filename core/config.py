@@ -122,6 +122,8 @@ class CheckConfig:
     check_top_p: float = field(default=0.95, metadata={"help": "checked completion: nucleus sampling top-p"})
     check_seed: int = field(default=0, metadata={"help": "checked completion: seed of the first candidate (+i for the i-th)"})
     check_max_tokens: int = field(default=256, metadata={"help": "checked completion: tokens per candidate"})
+    check_greedy: bool = field(default=True, metadata={
+        "help": "checked completion: decode the greedy body beside the samples; it is a candidate, and ties go to it"})
     check_straggler: float = field(default=2.0, metadata={
         "help": "checked completion: once half the candidates finished, stop one running past this many times the "
                 "longest finished one (0 = off)"})

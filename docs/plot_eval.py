@@ -1,7 +1,9 @@
-"""Bar chart (PNG) of an ``localcoder eval --out`` JSON: EM, ES and pass@1 per report, next to each
-other (e.g. a run and its ``--baseline``).
+"""Bar chart (PNG) of ``localcoder eval --out`` JSONs: EM, ES and pass@1 per report (the function suite:
+greedy, sampled and checked pass@1, pass@10), next to each other (e.g. a run and its ``--baseline``, or
+one file per model).
 
     python docs/plot_eval.py docs/layout-results/eval-0.5b.json   # writes eval-0.5b.png beside it
+    python docs/plot_eval.py he-0.5b.json he-1.5b.json            # one chart, reports labelled by file
 """
 
 from __future__ import annotations
@@ -11,15 +13,22 @@ import sys
 from pathlib import Path
 
 
-def main(path: str) -> Path:
+METRICS = ("em", "es", "pass_at_1", "pass_at_1_greedy", "pass_at_1_sampled", "pass_at_10_sampled",
+           "pass_at_1_checked")
+
+
+def main(path: str, *more: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reports = json.loads(Path(path).read_text(encoding="utf-8"))
+    reports = {}
+    for p in (path, *more):
+        for name, report in json.loads(Path(p).read_text(encoding="utf-8")).items():
+            reports[f"{Path(p).stem}: {name}" if more else name] = report
     names = list(reports)
-    metrics = [m for m in ("em", "es", "pass_at_1") if any(reports[n]["summary"].get(m) is not None for n in names)]
+    metrics = [m for m in METRICS if any(reports[n]["summary"].get(m) is not None for n in names)]
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(names), 4))
     width = 0.8 / len(metrics)
     for i, m in enumerate(metrics):
@@ -39,4 +48,4 @@ def main(path: str) -> Path:
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1]))
+    print(main(*sys.argv[1:]))

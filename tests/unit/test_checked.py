@@ -41,6 +41,7 @@ class ScriptedEngine(FakeEngine):
         super().__init__(completion="", token_delay_s=delay_s)
         self.candidates, self.tests = candidates, tests
         self.seeds: list[int] = []
+        self.temperatures: list[float] = []
 
     def generate(self, request):
         prompt = self.tokenizer.decode(request.tokens)
@@ -49,6 +50,7 @@ class ScriptedEngine(FakeEngine):
                                else self.tests[request.sampling.seed % len(self.tests)])
         else:
             self.seeds.append(request.sampling.seed)
+            self.temperatures.append(request.sampling.temperature)
             self.completion = self.candidates[request.sampling.seed % len(self.candidates)]
         return super().generate(request)
 
@@ -68,9 +70,15 @@ def run(candidates, tests=TESTS, n=None, **kw):
 
 def test_the_candidate_the_tests_agree_on_ranks_first_with_its_evidence():
     out, engine = run([WRONG, GOOD, GOOD, "    return a * b\n"])
-    assert engine.seeds == [0, 1, 2, 3]  # distinct seeds, one per candidate (sequential fallback)
+    # distinct seeds, one per candidate (sequential fallback), then the greedy body (temperature 0)
+    assert engine.seeds == [0, 1, 2, 3, 0] and engine.temperatures[-1] == 0 and set(engine.temperatures[:-1]) == {0.8}
     top = out.candidates[0]
-    assert top.text == GOOD.rstrip("\n") and top.samples == 2
+    assert top.text == GOOD.rstrip("\n") and top.samples == 2 and not top.greedy
+    wrong_greedy = next(c for c in out.candidates if c.text == WRONG.rstrip("\n"))
+    assert wrong_greedy.greedy and wrong_greedy.samples == 1  # the greedy body (seed 0: WRONG) is the sample's text
+    # and weighs as a second sample: its group (passing add(0, 0) == 0 only) is it, its sample and a * b's sample
+    assert wrong_greedy.passed == ("gen2",) and wrong_greedy.score == (1 + 1 + 1) * 1
+    assert len(out.samples) == 4  # pass@k counts samples only: the greedy body is not one
     ev = out.evidence
     assert ev["ranked"] and not ev["batched_decode"]
     kinds = {t["kind"] for t in ev["tests"]}
@@ -138,6 +146,22 @@ def test_codet_score_is_group_size_times_tests_passed():
     ordered, kept, dropped = rank([x, y, z], tests)
     assert [c.score for c in ordered] == [4, 4, 3] and dropped == 0
     assert [c.text for c in ordered] == ["y", "z", "x"]  # ties: more samples, then sample order
+    x.greedy = True  # the greedy body goes first among equals, before a group with more samples
+    x.results["b"] = x.results["c"] = "failed"
+    ordered, _, _ = rank([y, z, x], tests)
+    assert [c.text for c in ordered] == ["x", "y", "z"] and {c.score for c in ordered} == {(1 + 1 + 2 + 2) * 1}
+
+
+def test_where_the_tests_tell_nothing_the_greedy_body_is_the_answer():
+    # seed 0 (the greedy body's) gives a * b; three samples agree on a - b; both fail the docstring's examples
+    # and the generated tests do not run (add(0) misses an argument): every score is 0, and greedy's body wins
+    mul = "    return a * b\n"
+    out, _ = run([mul, WRONG, WRONG, WRONG], tests=8 * ["0) == 0\n"], n=4)
+    assert {c.score for c in out.candidates} == {0}
+    assert out.candidates[0].text == mul.rstrip("\n") and out.candidates[0].greedy
+    assert out.evidence["candidates"][0]["greedy"] is True and "greedy body first" in out.evidence["note"]
+    off, _ = run([mul, WRONG, WRONG, WRONG], tests=8 * ["0) == 0\n"], n=4, greedy=False)
+    assert off.candidates[0].text == WRONG.rstrip("\n") and not any(c.greedy for c in off.candidates)
 
 
 def test_hostile_candidates_are_stopped_and_fail(tmp_path):
@@ -304,7 +328,7 @@ def test_a_running_server_answers_checked_requests_of_the_http_client():
         result = asyncio.run(ask(url))
     assert isinstance(result, CheckedResult) and result.text == GOOD.rstrip("\n")
     assert result.checked["candidates"][0]["samples"] == 2 and result.checked["ranked"] is True
-    assert sorted(engine.seeds) == [7, 8, 9]  # the options travelled: three candidates from seed 7
+    assert sorted(engine.seeds) == [7, 7, 8, 9]  # the options travelled: three candidates from seed 7 (+ greedy)
 
 
 def test_unbiased_pass_at_k():
