@@ -80,6 +80,8 @@ def test_checked_completion_end_to_end(llama_engine):
     assert any(t["kind"] == "doctest" for t in ev["tests"])
     top = ev["candidates"][0]
     assert "doctest1" in top["passed"], ev
+    assert sum(c["greedy"] for c in ev["candidates"]) == 1  # the greedy body was decoded in the same batch
+    assert sum(c["samples"] for c in ev["candidates"]) == 4 == len(out.samples)  # and is not counted as a sample
 
 
 def test_cancel_stops_batched_decoding(llama_engine):
