@@ -772,8 +772,10 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
         "decode": decode_t.to_dict(), "sampled_tokens": {"candidates": sum(map(len, outs[0])),
                                                          "tests": sum(map(len, outs[1])) if writing else 0}}
     if fn is None or cancel.cancelled:
+        cands.sort(key=lambda c: (not c.greedy, c.index))
         evidence.update(ranked=False, note="not executed: only Python candidates are run and ranked; "
-                        "these are the sampled candidates in sample order" if fn is None else "cancelled")
+                        "these are the candidates unranked: the greedy body first, then the samples in sample order"
+                        if fn is None else "cancelled")
         evidence["candidates"] = [_cand_json(c, i + 1) for i, c in enumerate(cands)]
         evidence["timings"] = timings
         return CheckOutcome(cands, samples, [], evidence, cancel.cancelled)

@@ -249,6 +249,7 @@ def test_other_languages_get_unranked_candidates_with_a_note():
                 CheckOptions(candidates=2))
     assert out.evidence["ranked"] is False and "only Python" in out.evidence["note"]
     assert len(out.evidence["candidates"]) == 2
+    assert out.evidence["candidates"][0]["greedy"] is True and "greedy body first" in out.evidence["note"]
 
 
 def test_cancel_stops_decoding_and_execution():
