@@ -448,8 +448,9 @@ def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool, stages: Stages
     needed = list(range(n)) if cfg.steps * run.per_step >= n or cfg.specialists else sorted(
         {r for s in range(cfg.steps) for r in rows_for_step(s, n, run.per_step, cfg.seed)})
     if stages is not None and dist.main:  # the plan could not know what an earlier run already cached
-        rows = len(needed if train_cache is not None else []) + n_val
-        todo = len(train_cache.missing(needed) if train_cache is not None else []) + len(val_cache.missing(range(n_val)))
+        train_todo = train_cache.missing(needed) if train_cache is not None else []
+        rows = (len(needed) if train_cache is not None else 0) + n_val
+        todo = len(train_todo) + len(val_cache.missing(range(n_val)))
         if todo < rows:
             stages.revise("teacher", todo / max(1, rows), f"{rows - todo} of {rows} rows already cached")
     val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
