@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     text, name = read_source(args)
     prefix, suffix = split_at(text, args.line, args.column, name)
     cfg = config_from_args(args)
+    cfg.completion.jump_prefix_tokens = 0  # one completion, nothing typed next: the full window, never the jump one
     completer = Completer.from_config(cfg, pull=True, progress=True)
     req = InfillRequest(prefix, suffix, path=None if args.stdin else args.file,
                         mode=cfg.completion.mode, max_tokens=cfg.completion.max_tokens,

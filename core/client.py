@@ -13,7 +13,9 @@ Two implementations:
   generation at a time); requests wait in a bounded FIFO (``QueueFull`` past ``max_queue``); a
   newer request on the same key supersedes the older one (it stops before its next token, or never
   starts); closing the async iterator cancels the request. Background prefills run only when no
-  real request waits, and any real request cancels a running one.
+  real request waits, newest first; any real request, and any newer prefill, cancels a running one. A
+  request answered from the jump window (``Completer.jump_window``, right after a cursor jump) queues the
+  prefill of its full window.
 - ``HttpClient``: a running ``localcoder serve``. Requests stream over ``POST /infill``; superseding
   or aborting closes the stream, and the server cancels the generation when its client goes away,
   so the server's engine really stops.
@@ -214,6 +216,11 @@ class InProcessClient:
     def busy(self) -> bool:
         return self._running is not None and not self._running.background
 
+    @property
+    def background(self) -> int:
+        """Background prefills running or queued (``/health``; a bench waits for 0 before timing another server)."""
+        return len(self._background) + bool(self._running is not None and self._running.background)
+
     def require_ready(self) -> Completer:
         if not self.ready:
             if self.load_error is not None:
@@ -263,7 +270,7 @@ class InProcessClient:
 
     async def health(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": "ok" if self.ready else ("error" if self.load_error else "loading"),
-                               "queue_depth": self.depth, "engine_busy": self.busy}
+                               "queue_depth": self.depth, "engine_busy": self.busy, "background": self.background}
         if self.load_error is not None:
             out["error"] = str(self.load_error)
         if self.completer is not None:
@@ -336,6 +343,10 @@ class InProcessClient:
             self._keys[job.key] = job
 
     def _queue_background_locked(self, job: Job) -> None:
+        if self._running is not None and self._running.background:
+            # the newest place first: a warm-up still running for an older one stops (what it prefilled stays
+            # in its slot, and a later warm-up of the same prompt goes on from there)
+            self._cancel_locked(self._running, "preempted")
         for old in [j for j in self._background if j.key == job.key]:
             self._background.remove(old)
         self._background.append(job)
@@ -406,6 +417,11 @@ class InProcessClient:
                 if not job.background:
                     self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - t0)
                 self._finish_locked(job, event)
+                if event.result is not None and event.result.timings.window == "jump" and not self._stopping:
+                    # answered from the small window after a jump: warm the full one when the engine is idle
+                    warm = InfillRequest(**{**job.request.__dict__, "max_tokens": 0})
+                    self._queue_background_locked(Job(warm, f"{job.key}#window", None, background=True,
+                                                      id=next(self._ids)))
 
     def _run(self, job: Job) -> _Event:
         assert self.completer is not None

@@ -78,6 +78,11 @@ class CompletionConfig:
     prefix_tokens: int = field(default=1024, metadata={"help": "token budget for text before the cursor"})
     suffix_tokens: int = field(default=256, metadata={"help": "token budget for text after the cursor"})
     extra_tokens: int = field(default=512, metadata={"help": "token budget for other files' snippets"})
+    jump_prefix_tokens: int = field(default=256, metadata={
+        "help": "after a cursor jump (most of the prompt not in the KV cache) complete from this smaller prefix "
+                "budget, jump_suffix_tokens and no other files, while the full window is prefilled in the "
+                "background; 0 = off"})
+    jump_suffix_tokens: int = field(default=64, metadata={"help": "suffix budget of that first window"})
     token_healing: bool = field(default=True, metadata={
         "help": "back off the token the cursor may split and make the first new tokens spell it"})
     typed_through: bool = field(default=True, metadata={

@@ -212,7 +212,8 @@ class LocalcoderServer(FramedServer, LanguageServer):
             out.update(self.client.counters())
             cs = getattr(self.client, "stats", None)
             if cs is not None and hasattr(cs, "prefills"):
-                out.update(prefills=cs.prefills, prefills_cancelled=cs.prefills_cancelled)
+                out.update(prefills=cs.prefills, prefills_cancelled=cs.prefills_cancelled,
+                           background=getattr(self.client, "background", 0))
         return out
 
     def prefetch(self, doc: Document, offset: int) -> None:

@@ -47,6 +47,7 @@ class Metrics:
         # network included) and decode, apart from the queueing and HTTP around them
         self.engine = {phase: Histogram(LATENCY_BUCKETS_S) for phase in ("prompt", "decode")}
         self.cancellations: dict[str, int] = defaultdict(int)
+        self.windows: dict[str, int] = defaultdict(int)  # completions by prompt window: full | jump (after a jump)
         # a specialist bundle: completions per specialist, routing time and adapter switch time
         self.specialists: dict[str, int] = defaultdict(int)
         self.routing = {phase: Histogram(ROUTING_BUCKETS_S) for phase in ("route", "switch")}
@@ -69,6 +70,8 @@ class Metrics:
             self.tokens["generated"] += result.timings.predicted_n
             self.engine["prompt"].observe(result.timings.prompt_ms / 1000.0)
             self.engine["decode"].observe(result.timings.predicted_ms / 1000.0)
+            if not result.timings.reused:  # a typed-through answer had no prompt
+                self.windows[result.timings.window] += 1
             if result.timings.specialist is not None:
                 self.specialists[result.timings.specialist] += 1
                 self.routing["route"].observe(result.timings.route_ms / 1000.0)
@@ -99,6 +102,10 @@ class Metrics:
                       "# TYPE localcoder_cancellations_total counter"]
             lines += [f'localcoder_cancellations_total{{reason="{r}"}} {n}'
                       for r, n in sorted(self.cancellations.items())]
+            lines += ["# HELP localcoder_window_completions_total Model completions by prompt window: full, or "
+                      "jump (the small first window right after a cursor jump, while the full one is prefilled).",
+                      "# TYPE localcoder_window_completions_total counter"]
+            lines += [f'localcoder_window_completions_total{{window="{w}"}} {n}' for w, n in sorted(self.windows.items())]
             if self.specialists:  # only with a specialist bundle
                 lines += ["# HELP localcoder_specialist_requests_total Completions by the specialist adapter "
                           "they were routed to.", "# TYPE localcoder_specialist_requests_total counter"]

@@ -57,6 +57,7 @@ class GenerationRequest:
     chunk_tokens: int = 0  # prefill chunk size (0 = the engine's batch); small for background prefill
     heal: "Heal | None" = None  # token healing: the first tokens must spell heal.text (localcoder.fim.healing)
     adapter: int | None = None  # a specialist bundle's adapter (localcoder.specialists); None: the engine's default
+    keep_slot: bool = False  # a warm-up the next request will use (a jump window): not a slot later warm-ups take first
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Timings:
     specialist: str | None = None  # the specialist adapter a bundle routed the request to (localcoder.specialists)
     route_ms: float = 0.0  # choosing it (0 when the document already had one)
     adapter_switch_ms: float = 0.0  # setting it on the engine's context (0 when it was already set)
+    window: str = "full"  # "jump": the small first window after a cursor jump (localcoder.completion)
 
     @property
     def evaluated_n(self) -> int:
@@ -99,6 +101,7 @@ class Timings:
             "tokens_per_forward": round((self.predicted_n - 1) / self.target_forwards, 3)
             if self.target_forwards else 0.0,
             "typed_through": self.reused,
+            "window": self.window,
             **routed,
         }
 

@@ -95,6 +95,12 @@ class SlotTable:
         self._last_used[best] = self._clock
         return best
 
+    def cached(self, prompt: Sequence[int], tag: object = None) -> int:
+        """The most leading tokens of ``prompt`` that one slot (under adapter ``tag``) already holds: about
+        what the prompt would not have to evaluate (``localcoder.completion``'s jump window asks)."""
+        return max((common_prefix_len(slot.tokens, prompt) for i, slot in enumerate(self.slots)
+                    if self.tags[i] == tag), default=0)
+
     def clear(self) -> None:
         for slot in self.slots:
             slot.clear()

@@ -357,6 +357,11 @@ class LlamaCppEngine:
         self._decode(slot, tokens, all_logits=True)
         return np.stack([self._row(i) for i in range(len(tokens))])
 
+    def cached_prefix(self, tokens: Sequence[int], adapter: int | None = None) -> int | None:
+        """Leading tokens of ``tokens`` a slot already holds under ``adapter``; None with a single slot (a
+        jump window would then evict the very window it warms)."""
+        return self.slots.cached(tokens, adapter) if len(self.slots) > 1 else None
+
     def _truncate(self, slot: int, n: int) -> None:
         """Keep the first ``n`` tokens of ``slot`` (KV cells and record)."""
         self._lib.llama_memory_seq_rm(self._memory, slot, n, -1)
@@ -372,8 +377,8 @@ class LlamaCppEngine:
 
     def _run(self, request: GenerationRequest, timings: Timings) -> Iterator[int]:
         timings.adapter_switch_ms = self._use_adapter(request.adapter)
-        slot = self._last_slot = self.slots.choose(request.tokens, background=request.max_tokens == 0,
-                                                   tag=request.adapter)
+        slot = self._last_slot = self.slots.choose(request.tokens, tag=request.adapter,
+                                                   background=request.max_tokens == 0 and not request.keep_slot)
         keep = self.slots.slots[slot].plan(request.tokens) if request.cache_prompt else 0
         self._truncate(slot, keep)
         spec = self._speculation(slot) if self.drafter is not None else None

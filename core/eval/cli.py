@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit <= 0:
         raise InvalidRequest("--limit must be a positive number", param="limit")
     cfg = config_from_args(args)
+    # every case is a new file, so the jump window would answer all of them: eval measures the full window
+    # (the jump window's cost is a budget baseline: --baseline completion.prefix_tokens=256,... docs/latency.md)
+    cfg.completion.jump_prefix_tokens = 0
     completer = Completer.from_config(cfg, pull=True, progress=not args.quiet)
     baselines = [(spec, baseline_completer(cfg, spec)) for spec in args.baseline or []]
     reports = []

@@ -321,3 +321,73 @@ def test_typing_at_the_end_of_an_append_only_prompt_evaluates_only_what_was_type
         prev = p
     assert sum(evaluated) < len(prev) // 4
     assert_consistent(engine)
+
+
+def _jump_case():
+    """A cursor in the middle of a real file (the stdlib's textwrap.py), on a fresh line inside a method."""
+    import textwrap as module
+
+    text = open(module.__file__, encoding="utf-8").read()
+    cut = text.index("\n", len(text) // 2) + 1
+    return text[:cut] + "        ", text[cut:]
+
+
+def test_after_a_jump_the_small_window_answers_then_the_full_one_takes_over(engine, cold):
+    """CompletionConfig.jump_*: with the full window cold, a request is answered from the jump window (its
+    greedy output, evaluated alone); a warm-up prefills the jump window first, in a slot it keeps, then the
+    full one; once the full window is warm it is the one used again, and it gives the cold greedy output."""
+    import asyncio
+    import dataclasses
+
+    from localcoder.client import InProcessClient, complete
+    from localcoder.fim.context import Budget
+
+    engine.reset_cache()
+    full_budget, jump_budget = Budget(384, 96, 0), Budget(96, 32, 0)
+    jumpy = Completer(engine, order="spm", model_orders=("spm",), budget=full_budget, jump=jump_budget)
+    prefix, suffix = _jump_case()
+    req = InfillRequest(prefix, suffix, max_tokens=MAX_TOKENS, mode="single")
+    full = jumpy.prompt(req)[0]
+    small = jumpy.prompt(dataclasses.replace(req, budget=jump_budget))[0]
+    assert len(small) < len(full) // 2
+    picked = jumpy.jump_window(req, full)
+    assert picked is not None and list(picked[0]) == list(small)
+
+    # a real request on a cold engine: the jump window, evaluated whole
+    result = jumpy.complete(req)
+    assert result.timings.window == "jump" and result.prompt_tokens == len(small)
+    assert result.timings.evaluated_n == len(small) and slot_of(engine, small) is not None
+    out, t = run(engine, small)  # the same position again: nothing to evaluate but the last token
+    assert t.evaluated_n == 1 and cold.same(out, small)
+
+    # a warm-up at that place (what the client queues after a jump-window answer): the full window next to it
+    engine.reset_cache()
+    jumpy.complete(dataclasses.replace(req, max_tokens=0))
+    assert slot_of(engine, small) is not None and slot_of(engine, full) is not None
+    assert slot_of(engine, small) != slot_of(engine, full)
+    assert_consistent(engine)
+    assert jumpy.jump_window(req, full) is None  # the full window is warm: it is the one used
+    warm = jumpy.complete(req)
+    assert warm.timings.window == "full" and warm.prompt_tokens == len(full) and warm.timings.evaluated_n <= 2
+    out, t = run(engine, full)
+    assert cold.same(out, full)
+
+    # through the engine client: a jump-window answer queues the full window's prefill, run when idle
+    engine.reset_cache()
+
+    async def flow() -> tuple[str, int]:
+        client = InProcessClient(jumpy)
+        try:
+            answer = await complete(client, req)
+            for _ in range(600):  # the background prefill of ~480 tokens: seconds
+                if client.stats.prefills and client._running is None and not client._background:
+                    break
+                await asyncio.sleep(0.1)
+            return answer.timings.window, client.stats.prefills
+        finally:
+            client.shutdown()
+
+    window, prefills = asyncio.run(flow())
+    assert window == "jump" and prefills == 1
+    assert slot_of(engine, full) is not None and slot_of(engine, small) is not None
+    assert_consistent(engine)

@@ -138,3 +138,16 @@ def test_metrics_render_prometheus_text():
     assert 'localcoder_request_seconds_bucket{endpoint="/infill",le="0.025"} 0' in text
     assert 'localcoder_request_seconds_bucket{endpoint="/infill",le="0.05"} 1' in text
     assert 'localcoder_cancellations_total{reason="superseded"} 1' in text and "localcoder_queue_depth 2" in text
+
+
+def test_metrics_count_completions_by_window():
+    from localcoder.completion import CompletionResult
+    from localcoder.engines.base import Timings
+
+    m = Metrics()
+    for window in ("jump", "full", "full"):
+        m.observe_result(CompletionResult("x", "line", "single", Timings(window=window), False, 10))
+    m.observe_result(CompletionResult("x", "line", "single", Timings(reused=True), False, 0))  # typed through
+    text = m.render({})
+    assert 'localcoder_window_completions_total{window="jump"} 1' in text
+    assert 'localcoder_window_completions_total{window="full"} 2' in text
