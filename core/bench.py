@@ -129,6 +129,10 @@ class Target(Protocol):
 
     def complete(self, prefix: str, suffix: str, max_tokens: int) -> Sample: ...
 
+    def background(self) -> int:
+        """Background work the server is doing or has queued (0: idle between requests)."""
+        ...
+
 
 class LocalcoderTarget:
     """``localcoder serve`` through llama.cpp's /infill shape (what llama.vim sends)."""
@@ -151,6 +155,10 @@ class LocalcoderTarget:
         return Sample(ms, d["tokens_evaluated"] + d["tokens_cached"], d["tokens_cached"], d["tokens_predicted"],
                       d["content"], t["predicted_ms"] or None)
 
+    def background(self) -> int:
+        """Background prefills running or queued (``wait_quiet``)."""
+        return int(self.client.get("/health").json().get("background", 0))
+
 
 class PeerTarget:
     """llama-cpp-python's OpenAI server with a raw FIM-token prompt (what Continue sends). Its
@@ -163,6 +171,9 @@ class PeerTarget:
         self.client = httpx.Client(base_url=url, timeout=600)
         self.tok = tokenizer
         self.previous: list[int] = []
+
+    def background(self) -> int:
+        return 0  # it does no work between requests
 
     def complete(self, prefix: str, suffix: str, max_tokens: int) -> Sample:
         prompt = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
@@ -303,6 +314,18 @@ def typing_cases(text: str, chars: int, before: int, after: int) -> list[Case]:
     return cases
 
 
+QUIET_WAIT_S = 30.0  # the longest a target waits for the others' background prefills to end
+
+
+def wait_quiet(others: list, limit_s: float = QUIET_WAIT_S) -> None:
+    """Wait until none of ``others`` runs a background prefill (or ``limit_s`` passed): the servers share
+    two CPU cores, so one server's warm-up prefill would slow the request timed on another (a first
+    run without this wait measured llama-server's jump 3x and localcoder's 6x slower than alone)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and any(t.background() for t in others):
+        time.sleep(0.05)
+
+
 def run_interleaved(targets: list[Target], cfg: BenchConfig, cold: dict[int, list[Case]], typing: list[Case],
                     tick: Callable[[], None]) -> list[WorkloadResult]:
     """Each case goes to every target in turn, so load from other processes on a shared machine
@@ -312,6 +335,7 @@ def run_interleaved(targets: list[Target], cfg: BenchConfig, cold: dict[int, lis
     for workload, cases in workloads:
         for case in cases:
             for target in targets:
+                wait_quiet([t for t in targets if t is not target])
                 results[(target.name, workload)].samples.append(target.complete(case.prefix, case.suffix, cfg.max_tokens))
                 tick()
     return list(results.values())

@@ -28,7 +28,7 @@ from typing import Callable
 
 import httpx
 
-from localcoder.bench import WORD_END, Sample, WorkloadResult
+from localcoder.bench import WORD_END, Sample, WorkloadResult, wait_quiet
 
 CLIENTS_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "clients"
 N_PREFIX_LINES, N_SUFFIX_LINES = 256, 64  # llama.vim's defaults (g:llama_config n_prefix / n_suffix)
@@ -182,6 +182,12 @@ class InfillTarget:
         and prefills in the background)."""
         self.client.post("/infill", json={**body, "n_predict": 0, "stream": False}).raise_for_status()
 
+    def background(self) -> int:
+        """Background prefills the server is running or has queued (0 for a server that does none:
+        llama-server's warm-up answers after its prefill)."""
+        d = self.client.get("/health").json()
+        return int(d.get("background", 0)) if isinstance(d, dict) else 0
+
 
 def llama_server_built() -> Path:
     """Where ``tests/setup.d/llama_server.sh`` builds llama-server (``make test`` runs it)."""
@@ -292,6 +298,9 @@ class LspTarget:
         uri, position = self._sync(body, file)
         self.notify("localcoder/prefetch", {"textDocument": {"uri": uri}, "position": position})
 
+    def background(self) -> int:
+        return int(self.call("localcoder/stats", {}).get("background", 0))
+
     def _sync(self, body: dict, file: str) -> tuple[str, dict]:
         """Open or update the buffer to the body's text; the cursor's URI and LSP position."""
         uri = "file:///bench/" + file
@@ -337,13 +346,15 @@ def run_replay(targets: list[InfillTarget | LspTarget], workloads: dict[str, lis
                tick: Callable[[], None], pause_s: float = 5.0) -> list[WorkloadResult]:
     """Each request goes to every target in turn (separate server processes, so one target's
     requests never touch the other's cache); a buffer switch first sends llama.vim's warm-up; a jump
-    sends its warm-up, then the user rests ``pause_s`` before the measured keystroke."""
+    sends its warm-up, then the user rests ``pause_s`` before the measured keystroke. Before a target's
+    turn the others finish their background prefills (``wait_quiet``); its own go on as they would."""
     results = []
     for workload, requests in workloads.items():
         by_target = {t.name: WorkloadResult(t.name, workload) for t in targets}
         previous = None
         for req in requests:
             for target in targets:
+                wait_quiet([t for t in targets if t is not target])
                 if req.warm is not None:
                     target.warm(req.warm, req.file)
                     time.sleep(pause_s)
