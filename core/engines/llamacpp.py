@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+from array import array
+import threading
 import time
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -43,6 +46,10 @@ def _import_llama():
     return llama_cpp
 
 
+TOKENIZE_MEMO = 2048  # texts whose tokens LlamaTokenizer remembers (lines, suffixes, snippets): <= ~16 MB
+TOKENIZE_MEMO_CHARS = 4096  # longer texts are tokenized every time
+
+
 class LlamaTokenizer:
     """Tokenizer of a loaded llama.cpp model (a ``llama_cpp.Llama`` or its ``_internals.LlamaModel``)."""
 
@@ -57,11 +64,29 @@ class LlamaTokenizer:
         eog = {self._lib.llama_vocab_eos(self._vocab), self._lib.llama_vocab_eot(self._vocab)}
         self._eos = frozenset(t for t in eog if t >= 0)
         self.token_bytes = lru_cache(maxsize=None)(self._piece)
+        self._memo: OrderedDict[tuple[str, bool], array] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text``, remembered for the last ``TOKENIZE_MEMO`` texts: a keystroke changes the
+        cursor's line, and the context budget re-tokenizes every other line, the suffix and the other files'
+        snippets unchanged (~15 ms of llama.cpp tokenization per request on this CPU otherwise)."""
         if not text:
             return []
-        return self._model.tokenize(text.encode("utf-8"), False, special)
+        if len(text) > TOKENIZE_MEMO_CHARS:
+            return self._model.tokenize(text.encode("utf-8"), False, special)
+        key = (text, special)
+        with self._memo_lock:
+            ids = self._memo.get(key)
+            if ids is not None:
+                self._memo.move_to_end(key)
+                return ids.tolist()
+        out = self._model.tokenize(text.encode("utf-8"), False, special)
+        with self._memo_lock:
+            self._memo[key] = array("i", out)
+            while len(self._memo) > TOKENIZE_MEMO:
+                self._memo.popitem(last=False)
+        return out
 
     def _piece(self, token_id: int) -> bytes:
         buf = ctypes.create_string_buffer(256)

@@ -48,11 +48,12 @@ def fit(tok: Tokenizer, prefix: str, suffix: str, snippets: Sequence[Snippet], b
 
 
 def _fit_prefix(tok: Tokenizer, text: str, budget: int) -> tuple[list[int], bool]:
-    ids = tok.tokenize(text)
-    if len(ids) <= budget:
-        return ids, False
     lines = text.splitlines(keepends=True)
-    counts = [len(tok.tokenize(line)) for line in lines]
+    counts = [len(tok.tokenize(line)) for line in lines]  # lines above the cursor's repeat: a tokenizer's memo
+    if sum(counts) <= budget:  # joining lines never adds tokens (pre-tokens do not cross a line end)
+        ids = tok.tokenize(text)
+        if len(ids) <= budget:
+            return ids, False
     cuts = stable_cuts(counts[:-1], max(1, budget // PREFIX_STEPS))  # never inside the cursor's line
     tail, before = sum(counts), 0
     for cut in cuts:  # first the cheap estimate from line counts, then re-tokenize to be exact

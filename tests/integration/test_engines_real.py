@@ -57,6 +57,30 @@ def test_llama_tokenizer_does_not_parse_fim_strings_in_user_text(llama_engine):
     assert b"".join(tok.token_bytes(t) for t in tok.tokenize(text)).decode() == text
 
 
+def test_the_tokenizers_memo_answers_what_llama_cpp_does_and_stays_bounded(model_05b_path, monkeypatch):
+    """LlamaTokenizer remembers recent texts (lines above the cursor repeat at every keystroke): a remembered
+    answer equals llama.cpp's, a caller changing the list it got changes nothing remembered, special and
+    plain tokenization of one text are apart, and the memo holds at most TOKENIZE_MEMO texts."""
+    import llama_cpp
+
+    from localcoder.engines import llamacpp
+
+    monkeypatch.setattr(llamacpp, "TOKENIZE_MEMO", 8)
+    tok = llamacpp.LlamaTokenizer(llama_cpp.Llama(model_path=str(model_05b_path), vocab_only=True, verbose=False))
+    line = "    result = '<|fim_middle|>'.join(parts)  # ünïcode\n"
+    first = tok.tokenize(line)
+    assert first == tok._model.tokenize(line.encode(), False, False)
+    first.append(-1)  # the caller's list is its own
+    assert tok.tokenize(line) == first[:-1]
+    assert tok.tokenize(line, special=True) == tok._model.tokenize(line.encode(), False, True) != first[:-1]
+    for i in range(20):
+        assert tok.tokenize(f"x{i} = {i}\n") == tok._model.tokenize(f"x{i} = {i}\n".encode(), False, False)
+    assert len(tok._memo) == 8
+    long = "y = 1\n" * (llamacpp.TOKENIZE_MEMO_CHARS // 6 + 1)  # longer than the memo keeps
+    assert tok.tokenize(long) == tok._model.tokenize(long.encode(), False, False)
+    assert (long, False) not in tok._memo
+
+
 def test_a_vocab_only_tokenizer_equals_the_engines_and_llama_cpp_pythons(llama_engine, model_05b_path):
     """The bench tokenizes with a vocab-only model it does not keep: the tokenizer must keep it alive (a collected
     ``Llama`` frees its model, and tokenizing then crashed `localcoder bench`'s cold and typing workloads)."""
