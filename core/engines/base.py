@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from localcoder.fim.healing import Heal
 
 
+class Aborted(Exception):
+    """A backend stopped evaluating a prefill chunk midway because the request was cancelled (llama.cpp's
+    abort callback); it keeps what it evaluated before that chunk, and drops the chunk."""
+
+
 class CancelToken:
     """Thread-safe flag that a running generation polls between tokens."""
 
@@ -228,6 +233,9 @@ def run_tokens(request: GenerationRequest, timings: Timings, keep: int, n_batch:
                 return
             logits = forward(prompt[i: i + chunk])
             timings.prompt_ms = clock.ms()
+    except Aborted:  # a cancel stopped the backend inside a chunk: it kept the chunks before it
+        timings.cancelled = True
+        return
     except BaseException:
         reset()
         raise

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from localcoder.engines.base import (GenerationRequest, SampleGroup, Sampling, StopFn, Timings, TokenStream,
-                                     check_request, run_tokens)
+from localcoder.engines.base import (Aborted, CancelToken, GenerationRequest, SampleGroup, Sampling, StopFn,
+                                     Timings, TokenStream, check_request, run_tokens)
 from localcoder.engines.kvcache import PrefixCache, SlotTable, common_prefix_len
 from localcoder.errors import BackendUnavailable, InvalidRequest, ModelCorrupt
 
@@ -204,6 +204,9 @@ class LlamaCppEngine:
         self.tokenizer = LlamaTokenizer(self.model)
         self.slots = SlotTable(cache_slots)
         self._last_slot = 0
+        self._abort_on: CancelToken | None = None  # the background prefill llama.cpp's abort callback watches
+        self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: bool(self._abort_on is not None
+                                                                          and self._abort_on.cancelled))
         self.drafter = drafter
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
 
@@ -366,6 +369,8 @@ class LlamaCppEngine:
             b.logits[i] = all_logits
         b.logits[len(tokens) - 1] = True
         rc = self._lib.llama_decode(self.ctx.ctx, b)
+        if rc == 2:  # the abort callback stopped it (a background prefill preempted): the chunk is dropped
+            raise Aborted()
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         cache.extend(tokens)
@@ -407,8 +412,20 @@ class LlamaCppEngine:
         keep = self.slots.slots[slot].plan(request.tokens) if request.cache_prompt else 0
         self._truncate(slot, keep)
         spec = self._speculation(slot) if self.drafter is not None else None
-        yield from run_tokens(request, timings, keep, self.n_batch, lambda ids: self._forward(slot, ids),
-                              lambda: self._truncate(slot, 0), spec=spec)
+        # A background prefill stops inside a chunk when a real request cancels it (llama.cpp polls the abort
+        # callback between graph nodes): the keystroke does not wait for the chunk under way to end.
+        # Only then: the callback runs Python (the GIL) at every node, which a keystroke's decode should not pay.
+        background = request.max_tokens == 0
+        if background:
+            self._abort_on = request.cancel
+            self._lib.llama_set_abort_callback(self.ctx.ctx, self._abort_cb, None)
+        try:
+            yield from run_tokens(request, timings, keep, self.n_batch, lambda ids: self._forward(slot, ids),
+                                  lambda: self._truncate(slot, 0), spec=spec)
+        finally:
+            if background:
+                self._lib.llama_set_abort_callback(self.ctx.ctx, self._lib.ggml_abort_callback(), None)
+                self._abort_on = None
 
     # ---- several continuations of one or more prompts, decoded together (localcoder.checked) ----------
 

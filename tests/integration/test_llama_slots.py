@@ -391,3 +391,38 @@ def test_after_a_jump_the_small_window_answers_then_the_full_one_takes_over(engi
     assert window == "jump" and prefills == 1
     assert slot_of(engine, full) is not None and slot_of(engine, small) is not None
     assert_consistent(engine)
+
+
+def test_a_cancel_stops_a_background_prefill_inside_its_chunk(engine, completer, cold):
+    """llama.cpp's abort callback (set for prefill-only requests): a real request's cancel stops a warm-up in
+    the middle of a chunk, not after it; the aborted chunk leaves no KV cells and no record, the chunks
+    before it stay, and the next request there gives the cold greedy output."""
+    import threading
+    import time
+
+    engine.reset_cache()
+    long_prefix = "".join(f"def helper_{i}(x):\n    return x * {i} + {i * i}\n\n\n" for i in range(24))
+    long = completer.prompt(InfillRequest(long_prefix + "def main():\n    total = ", "\n    print(total)\n"))[0]
+    chunk = 256
+    assert len(long) > chunk + 64
+    first = engine.generate(GenerationRequest(tokens=list(long)[:chunk], max_tokens=0, chunk_tokens=chunk))
+    t0 = time.perf_counter()
+    assert list(first) == []
+    one_chunk_s = time.perf_counter() - t0  # what a whole chunk of this size takes here
+    cancel = CancelToken()
+    stream = engine.generate(GenerationRequest(tokens=list(long), max_tokens=0, chunk_tokens=chunk, cancel=cancel))
+    timer = threading.Timer(one_chunk_s / 5, cancel.cancel)
+    timer.start()
+    t0 = time.perf_counter()
+    assert list(stream) == []
+    stopped_after = time.perf_counter() - t0
+    timer.join()
+    assert stream.timings.cancelled
+    assert stopped_after < one_chunk_s * 0.6, (stopped_after, one_chunk_s)  # stopped inside the chunk
+    (slot,) = [c for c in engine.slots.slots if c.tokens[:chunk] == list(long)[:chunk]]
+    kept = len(slot.tokens)
+    assert kept == chunk  # the first request's chunk, not the aborted one
+    assert_consistent(engine)
+    out, t = run(engine, long)
+    assert t.cached_n == kept and cold.same(out, long)
+    assert_consistent(engine)
