@@ -386,6 +386,7 @@ class InProcessClient:
             try:
                 completer = self._factory()
                 _ = completer.format  # NotFimCapable now rather than at the first keystroke
+                completer.prepare()  # and the first keystroke does not build token healing's table (~1.2 s)
                 self.completer = completer
             except BaseException as exc:
                 self.load_error = exc
