@@ -1,5 +1,12 @@
 """Warm mid-file keystrokes sent alternately to two `localcoder serve`s (A, B): client latency and the
-part of it outside the engine's prompt+decode time, per server."""
+part of it outside the engine's prompt+decode time, per server (a before/after of the request path).
+
+    localcoder serve --port 18911 &   # e.g. the old commit (git archive + PYTHONPATH), and the new one:
+    localcoder serve --port 18912 &
+    python docs/measure_overhead.py http://127.0.0.1:18911 http://127.0.0.1:18912 160
+
+llama.vim's bodies from `localcoder bench`'s mid-file workload; the first 8 requests and typed-through
+answers are left out; before each request both servers finish their background prefills."""
 import sys, time, statistics, copy
 import httpx
 from localcoder import bench_editor as ed
