@@ -27,6 +27,7 @@ else in-process over ``Completer.from_config(cfg)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -418,11 +419,10 @@ class InProcessClient:
                 if not job.background:
                     self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - t0)
                 self._finish_locked(job, event)
-                if event.result is not None and event.result.timings.window == "jump" and not self._stopping:
-                    # answered from the small window after a jump: warm the full one when the engine is idle
-                    warm = InfillRequest(**{**job.request.__dict__, "max_tokens": 0})
-                    self._queue_background_locked(Job(warm, f"{job.key}#window", None, background=True,
-                                                      id=next(self._ids)))
+            if event.result is not None and event.result.timings.window == "jump":
+                # answered from the small window after a jump: warm the full one when the engine is idle
+                with contextlib.suppress(LocalcoderError):  # shutting down
+                    self.prefill(job.request, f"{job.key}#window")
 
     def _run(self, job: Job) -> _Event:
         assert self.completer is not None

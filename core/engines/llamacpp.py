@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-from array import array
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
