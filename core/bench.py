@@ -156,8 +156,7 @@ class LocalcoderTarget:
                       d["content"], t["predicted_ms"] or None)
 
     def background(self) -> int:
-        """Background prefills running or queued (``wait_quiet``)."""
-        return int(self.client.get("/health").json().get("background", 0))
+        return server_background(self.client)
 
 
 class PeerTarget:
@@ -312,6 +311,13 @@ def typing_cases(text: str, chars: int, before: int, after: int) -> list[Case]:
         if typed[i - 1] in WORD_END or i == len(typed):
             cases.append(Case(anchor + typed[:i], tail))
     return cases
+
+
+def server_background(client: httpx.Client) -> int:
+    """Background prefills a server behind ``client`` runs or has queued, from its ``/health`` (0 for a
+    server that reports none: llama-server's warm-up answers after its prefill)."""
+    d = client.get("/health").json()
+    return int(d.get("background", 0)) if isinstance(d, dict) else 0
 
 
 QUIET_WAIT_S = 30.0  # the longest a target waits for the others' background prefills to end

@@ -28,7 +28,7 @@ from typing import Callable
 
 import httpx
 
-from localcoder.bench import WORD_END, Sample, WorkloadResult, wait_quiet
+from localcoder.bench import WORD_END, Sample, WorkloadResult, server_background, wait_quiet
 
 CLIENTS_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "clients"
 N_PREFIX_LINES, N_SUFFIX_LINES = 256, 64  # llama.vim's defaults (g:llama_config n_prefix / n_suffix)
@@ -183,10 +183,7 @@ class InfillTarget:
         self.client.post("/infill", json={**body, "n_predict": 0, "stream": False}).raise_for_status()
 
     def background(self) -> int:
-        """Background prefills the server is running or has queued (0 for a server that does none:
-        llama-server's warm-up answers after its prefill)."""
-        d = self.client.get("/health").json()
-        return int(d.get("background", 0)) if isinstance(d, dict) else 0
+        return server_background(self.client)
 
 
 def llama_server_built() -> Path:

@@ -245,9 +245,9 @@ class Completer:
         adapter, route_ms = self.route(req, key)
         cancel = cancel or CancelToken()
         jump = self.jump_window(req, ids, adapter)
-        first = None  # a warm-up at a new place prefills the jump window first, then the full one
+        first, window = None, "full"  # a warm-up at a new place prefills the jump window first, then the full one
         if jump is not None and req.max_tokens > 0:
-            ids, truncated = jump
+            (ids, truncated), window = jump, "jump"
         elif jump is not None and len(jump[0]) - self.engine.cached_prefix(jump[0], adapter) > 1:  # type: ignore[attr-defined]
             first = GenerationRequest(tokens=jump[0], max_tokens=0, cancel=cancel, chunk_tokens=BACKGROUND_CHUNK,
                                       adapter=adapter, keep_slot=True)
@@ -257,7 +257,7 @@ class Completer:
                                 chunk_tokens=BACKGROUND_CHUNK if req.max_tokens == 0 else 0)
         holder = CompletionStream(iter(()))
         holder._run = self._drive(gen, rules, mode, truncated, req.time_budget_ms, holder, req, route_ms,
-                                  window="jump" if jump is not None and req.max_tokens > 0 else "full", first=first)
+                                  window=window, first=first)
         return holder
 
     def complete(self, req: InfillRequest, cancel: CancelToken | None = None, key: str | None = None
