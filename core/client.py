@@ -281,6 +281,8 @@ class InProcessClient:
                 out["fim_order"] = self.completer.order  # the prompt layout requests get
             except LocalcoderError:  # a model without FIM tokens: requests say so, health does not fail
                 out["fim_order"] = None
+            if getattr(engine, "weights", None):  # the GGUF file llama.cpp serves (a requantized copy: gguf_type)
+                out["weights"] = engine.weights
             adapter = getattr(engine, "adapter", None)
             if adapter:  # a LoRA layout adapter: its file and what it teaches
                 out["adapter"] = {k: v for k, v in adapter.items() if k != "recipe"}

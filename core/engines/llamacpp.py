@@ -14,6 +14,7 @@ and each slot is tagged with the adapter its keys/values were computed under (``
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -111,6 +112,21 @@ class LlamaTokenizer:
 _backend_ready = False
 
 
+@contextlib.contextmanager
+def quiet_llama():
+    """llama.cpp's log lines off for a call (they reach stderr through llama-cpp-python's logger)."""
+    import logging
+
+    from llama_cpp._logger import logger
+
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_model(llama_cpp, path: Path, gpu_layers: int):
     """The model weights (mmap'd), quietly."""
     global _backend_ready
@@ -177,6 +193,9 @@ class LlamaCppEngine:
         from llama_cpp import _internals
 
         self._lib = llama_cpp
+        desc = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.model.model, desc, len(desc))
+        self.weights = {"file": str(path), "type": desc.value.decode("utf-8", "replace")}  # /health says which
         self.adapter: dict[str, str] = {}  # the LoRA adapter applied to every request: path + its metadata
         self._lora = None  # that adapter (llama_adapter_lora_p), None: none
         self.bundle = bundle  # specialist adapters a request picks by index (GenerationRequest.adapter)
@@ -227,11 +246,11 @@ class LlamaCppEngine:
             draft = models.resolve(name)
             if draft.kind != "gguf":
                 raise InvalidRequest(f"the draft model must be a GGUF file; {name} is {draft.kind}", param="draft_model")
-            return engine(draft.path, draft.name)
+            return engine(models.serving_gguf(draft, cfg.gguf_type), draft.name)
 
         bundle = open_bundle(model)  # before the weights load: a wrong bundle is refused at once
         drafter = build_drafter(cfg.speculation, cfg.draft_model, load_draft)
-        target = engine(model.path, model.name, drafter, model.meta.get("adapter"), bundle)
+        target = engine(models.serving_gguf(model, cfg.gguf_type), model.name, drafter, model.meta.get("adapter"), bundle)
         if drafter is not None and hasattr(drafter, "engine"):
             check_same_tokenizer(target, drafter.engine)
         return target
@@ -261,7 +280,8 @@ class LlamaCppEngine:
                                f"({', '.join(sorted(orders))})", hint="pass --specialists off")
 
     def _load_lora(self, adapter: Path, base: Path, what: str, hint: str):
-        ptr = self._lib.llama_adapter_lora_init(self.model.model, str(adapter).encode())
+        with quiet_llama():  # on repacked (IQ4_NL/Q4_0) weights it logs a fallback line per tensor
+            ptr = self._lib.llama_adapter_lora_init(self.model.model, str(adapter).encode())
         if not ptr:
             raise ModelCorrupt(f"llama.cpp could not load {what} {adapter} onto {base.name}: not a GGUF LoRA, or "
                                "made for another base model", hint=hint)

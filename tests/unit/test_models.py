@@ -96,3 +96,18 @@ def test_local_paths_registry_and_errors(home, tmp_path):
     models.remove("student")
     with pytest.raises(ModelNotFound):
         models.resolve("student")
+
+
+def test_only_packaged_models_are_requantized_for_serving(home, tmp_path):
+    from localcoder.errors import InvalidRequest
+
+    own = tmp_path / "mine.gguf"
+    own.write_bytes(b"GGUF")
+    mine = models.ResolvedModel("mine", "gguf", own)
+    assert models.serving_gguf(mine, "auto") == own  # a user's own GGUF is served as it is
+    assert models.serving_gguf(mine, "original") == own
+    with pytest.raises(InvalidRequest) as err:
+        models.serving_gguf(mine, "iq4_nl")
+    assert err.value.param == "gguf_type" and "localcoder quantize" in str(err.value)
+    hf = models.ResolvedModel("qwen2.5-coder-0.5b", "hf", tmp_path, meta={"source": "packaged"})
+    assert models.serving_gguf(hf, "auto") == tmp_path  # only GGUFs go through llama.cpp's quantizer
