@@ -174,15 +174,35 @@ def serving_gguf(model: ResolvedModel, gguf_type: str = "auto", progress: bool =
     import llama_cpp
 
     want = {"source": _stamp_key(packaged, source), "type": kind, "llama_cpp": llama_cpp.__version__}
+    if _made(out, want):
+        return out
+    with _exclusive(out.with_name(f".{out.name}.lock")):  # a server and an editor's LSP starting together
+        if not _made(out, want):  # the other one may have made it while this one waited
+            _requantize(source, out, kind, progress)
+            _write_stamp(out, {**want, "file": _file_key(out)})
+    return out
+
+
+def _made(out: Path, want: dict) -> bool:
+    """``out`` is the copy ``want`` describes (its stamp says so, and names this very file)."""
     try:
         stamp = json.loads(_stamp_path(out).read_text(encoding="utf-8"))
-        if stamp.pop("file") == _file_key(out) and stamp == want:
-            return out
+        return stamp.pop("file") == _file_key(out) and stamp == want
     except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    _requantize(source, out, kind, progress)
-    _write_stamp(out, {**want, "file": _file_key(out)})
-    return out
+        return False
+
+
+@contextmanager
+def _exclusive(lock: Path):
+    """One process at a time (an flock, released when the holder exits, however it exits)."""
+    import fcntl
+
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _file_key(path: Path) -> dict:

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import zipfile
 
@@ -111,3 +112,35 @@ def test_only_packaged_models_are_requantized_for_serving(home, tmp_path):
     assert err.value.param == "gguf_type" and "localcoder quantize" in str(err.value)
     hf = models.ResolvedModel("qwen2.5-coder-0.5b", "hf", tmp_path, meta={"source": "packaged"})
     assert models.serving_gguf(hf, "auto") == tmp_path  # only GGUFs go through llama.cpp's quantizer
+
+
+def test_two_processes_starting_together_requantize_once(home, tmp_path, monkeypatch):
+    """`make serve` and an editor's `localcoder lsp` on a fresh machine: one makes the IQ4_NL copy, the other
+    waits for it and takes it (an flock), and a copy from another llama.cpp is made again."""
+    import threading
+    import time
+
+    fake_packaged(tmp_path, monkeypatch, [b"GGUF" + b"\0" * 60])
+    monkeypatch.setitem(models.BUILTIN, "tiny", dataclasses.replace(models.BUILTIN["tiny"], serve_type="iq4_nl"))
+    models.pull("tiny", progress=False)
+    m = models.resolve("tiny")
+    made = []
+
+    def requantize(source, out, kind, progress):
+        made.append(kind)
+        time.sleep(0.3)  # long enough for the other caller to find the copy missing and wait
+        out.write_bytes(source.read_bytes()[::-1])
+
+    monkeypatch.setattr(models, "_requantize", requantize)
+    got = []
+    callers = [threading.Thread(target=lambda: got.append(models.serving_gguf(m, "auto", progress=False)))
+               for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert made == ["iq4_nl"] and got[0] == got[1] == m.path.with_name("tiny.serve-iq4_nl.gguf")
+    assert models.serving_gguf(m, "auto", progress=False) == got[0] and made == ["iq4_nl"]
+    stamp = got[0].with_name(got[0].name + ".verified")
+    stamp.write_text(stamp.read_text().replace('"llama_cpp": "', '"llama_cpp": "0.0.0-'))
+    assert models.serving_gguf(m, "auto", progress=False) == got[0] and made == ["iq4_nl", "iq4_nl"]
