@@ -461,8 +461,7 @@ def _stamp_path(path: Path) -> Path:
 
 
 def _stamp_key(m: PackagedModel, path: Path) -> dict:
-    st = path.stat()
-    return {"sha256": m.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    return {"sha256": m.sha256, **_file_key(path)}
 
 
 def _write_stamp(path: Path, key: dict) -> None:
