@@ -7,17 +7,20 @@ For the function whose body holds the cursor (Python):
    An engine with ``sample_groups`` (llama.cpp) decodes them together with the test-writing sequences
    of step 2, one batch per step, the prompts' shared prefix evaluated once; others run one request
    per sequence, one after another (``sample_groups``).
-2. **Tests**: the docstring's doctest examples (``>>> f(1)`` / ``3``) and ``f(x) == y`` / ``f(x) ➞ y``
-   example lines count as tests as written; the model adds M ``assert`` lines from the signature and
-   docstring (prompt: the code up to the cursor, ``pass``, ``# check the correctness of f``,
+2. **Tests**: the docstring's doctest examples (``>>> f(1)`` / ``3``, ``>>> f(1) == 3``) and its
+   example lines (``f(x) == y``, ``==>``, ``->``, ``➞``, ``=``, ``returns``, ``should return``,
+   ``For x = 1 the output should be y``) count as tests as written; the model adds M ``assert``
+   lines from the signature and docstring (prompt: the code up to the cursor, ``pass``, ``# check the correctness of f``,
    ``assert f(``). Generated lines that do not parse, repeat another test, or fail on every
    candidate are discarded and counted.
 3. **Execution**: one sandboxed process per candidate (``localcoder.eval.sandbox``'s guard and
    limits, plus: writes outside its temp dir refused, ``posix`` / ``ctypes`` / ``_socket`` /
    ``multiprocessing`` unimportable, its own network namespace where ``unshare`` works, stdout and
    stderr discarded, a per-test timer, the whole process group killed at the end or on cancel).
-4. **Ranking** (CodeT, Chen et al. 2022): candidates are grouped by the set of tests they pass; a
-   group scores (samples in it) × (tests it passes); every candidate takes its group's score.
+4. **Ranking**: first by how many of the docstring's own tests a candidate passes (they are the
+   user's spec: AlphaCode-style filtering), then CodeT (Chen et al. 2022): candidates are grouped by
+   the set of tests they pass; a group scores (samples in it) × (tests it passes); every candidate
+   takes its group's score.
    Duplicate samples are merged into one candidate whose ``samples`` count is its weight. The greedy
    body is decoded in the same batch (``CheckOptions.greedy``, on by default): it weighs as one more
    sample, and it goes first among candidates of equal score, so where the tests tell nothing (no
@@ -31,6 +34,7 @@ cursor that is not in a function body (HTTP 400, an LSP error, a CLI exit code 2
 from __future__ import annotations
 
 import ast
+import builtins
 import codecs
 import doctest
 import json
@@ -131,8 +135,7 @@ def require_function(prefix: str, suffix: str) -> FunctionAt:
     return fn
 
 
-def docstring_of(prefix: str, fn: FunctionAt) -> str | None:
-    """The function's docstring, read from the text before the cursor."""
+def _function_node(prefix: str, fn: FunctionAt) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
     lines = prefix.split("\n")[fn.def_line:]
     code = textwrap.dedent("\n".join(lines)).rstrip() + "\n"
     body_indent = " " * 4 if not fn.indent else fn.indent[len(lines[0]) - len(lines[0].lstrip()):] or "    "
@@ -143,9 +146,26 @@ def docstring_of(prefix: str, fn: FunctionAt) -> str | None:
             continue
         node = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
         if node is not None:
-            return ast.get_docstring(node)
+            return node
+    return None
+
+
+def docstring_of(prefix: str, fn: FunctionAt) -> str | None:
+    """The function's docstring, read from the text before the cursor."""
+    node = _function_node(prefix, fn)
+    if node is not None:
+        return ast.get_docstring(node)
+    code = textwrap.dedent("\n".join(prefix.split("\n")[fn.def_line:]))
     m = re.search(r'("""|\'\'\')(.*?)\1', code, re.S)
     return textwrap.dedent(m.group(2)) if m else None
+
+
+def parameters_of(prefix: str, fn: FunctionAt) -> list[str]:
+    node = _function_node(prefix, fn)
+    if node is None:
+        return []
+    a = node.args
+    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
 
 
 # ---- tests ---------------------------------------------------------------------------------------
@@ -168,25 +188,59 @@ class Test:
         return out
 
 
-def doctests(doc: str | None) -> list[Test]:
-    """The docstring's ``>>>`` examples, as written (an example without output is setup for the next)."""
+def _doctest_examples(doc: str) -> list[doctest.Example]:
+    """The ``>>>`` examples; where the whole docstring does not parse as doctest (a string literal with
+    a real newline in it, a missing ``...``), each example block is parsed on its own and the broken
+    ones are left out."""
+    parser = doctest.DocTestParser()
+    try:
+        return parser.get_examples(doc)
+    except ValueError:
+        pass
+    examples: list[doctest.Example] = []
+    for block in re.split(r"\n(?=[ \t]*>>>)", doc):
+        try:
+            examples += parser.get_examples(textwrap.dedent(block))
+        except ValueError:
+            continue
+    return examples
+
+
+def doctests(doc: str | None, name: str | None = None) -> list[Test]:
+    """The docstring's ``>>>`` examples, as written. An example without output is setup for the next,
+    unless it is a comparison of a call of ``name`` (``>>> f(1) == 2`` written as an assertion), which
+    becomes one."""
     if not doc:
         return []
-    try:
-        examples = doctest.DocTestParser().get_examples(doc)
-    except ValueError:
-        return []
     out, setup = [], []
-    for ex in examples:
+    for ex in _doctest_examples(doc):
         if not ex.want.strip():
-            setup.append(ex.source)
+            code = f"assert {ex.source.strip()}"
+            if name and _is_call_comparison(ex.source, name) and _parses(code):
+                out.append(Test(f"doctest{len(out) + 1}", "example", code))
+            else:
+                setup.append(ex.source)
             continue
         flags = sum(f for f, on in ex.options.items() if on)
         out.append(Test(f"doctest{len(out) + 1}", "doctest", ex.source.rstrip("\n"), ex.want, "".join(setup), flags))
     return out
 
 
-_ARROWS = ("==", "➞", "=>", "->", "→")
+def _is_call_comparison(source: str, name: str) -> bool:
+    try:
+        node = ast.parse(source.strip(), mode="eval").body
+    except (SyntaxError, ValueError):
+        return False
+    return (isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq)
+            and any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == name
+                    for n in (node.left, node.comparators[0])))
+
+
+# How docstrings write "this call gives that": longest first, so ``==>`` is not read as ``==``.
+_ARROWS = ("==>", "=>", "==", "➞", "->", "→", "should return", "should be", "returns", "return", "gives", "=")
+_BULLET = re.compile(r"^(?:[*\-•]\s+|\d+[.)]\s+|>>>\s*)")
+_FOR = re.compile(r"^for\s+(?P<args>.+?),?\s+the\s+(?:output|result|answer|return value)\s+"
+                  r"(?:should\s+be|will\s+be|is)\s*:?\s*(?P<value>.+)$", re.I)
 
 
 def _call_end(line: str, start: int) -> int | None:
@@ -207,24 +261,93 @@ def _call_end(line: str, start: int) -> int | None:
     return None
 
 
-def example_lines(doc: str | None, name: str) -> list[Test]:
-    """``name(args) == value`` / ``➞`` / ``=>`` / ``->`` lines of the docstring, as assertions."""
+def _is_expr(text: str) -> bool:
+    try:
+        ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _value(text: str) -> str | None:
+    """The expected value as written after the arrow: the whole rest, without a closing full stop, or
+    the result after a worked ``=`` (``-> 19 - 5 - 6 = 8``), or the part before a comment or a
+    double-spaced remark."""
+    text = text.strip()
+    tries = [text.rstrip(".,;:"), text]
+    if "=" in text:
+        tries.append(text.rsplit("=", 1)[1].strip().rstrip(".,;:"))
+    for cut in ("  ", " #", " (", " because ", " since "):
+        if cut in text:
+            tries.append(text.split(cut, 1)[0].strip().rstrip(".,;:"))
+    tries = [_JS_CONSTANTS.get(t, t) for t in tries]
+    return next((t for t in tries if t and _is_expr(t)), None)
+
+
+def _keyword_call(name: str, args: str, params: Sequence[str]) -> str | None:
+    """``name(x=.., y=..)`` from ``x = .., y = ..`` (trailing prose after a comma left out) when the
+    keywords are the function's parameters."""
+    parts = args.split(",")
+    for k in range(len(parts), 0, -1):
+        call = f"{name}({','.join(parts[:k])})"
+        try:
+            node = ast.parse(call, mode="eval").body
+        except (SyntaxError, ValueError):
+            continue
+        if (isinstance(node, ast.Call) and not node.args and node.keywords
+                and all(kw.arg in params for kw in node.keywords)):
+            return ast.unparse(node)
+    return None
+
+
+_JS_CONSTANTS = {"true": "True", "false": "False", "null": "None"}
+
+
+def _closed(code: str, name: str) -> bool:
+    """The assertion names nothing but the function and builtins: ``f(n) == f(n-1) + 1`` is a
+    definition, not an example."""
+    return all(n.id == name or hasattr(builtins, n.id)
+               for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name))
+
+
+def example_lines(doc: str | None, name: str, params: Sequence[str] = ()) -> list[Test]:
+    """The docstring's examples written as prose, as assertions: ``name(args)`` followed by ``==``,
+    ``==>``, ``=>``, ``->``, ``➞``, ``=``, ``returns``, ``should return``... and a value (bullets,
+    ``#`` before the arrow and a closing full stop allowed), and ``For x = 1, y = 2 the output should
+    be 3`` when ``x`` and ``y`` are among ``params``. Lines that do not parse are left out."""
     out: list[Test] = []
+    seen: set[str] = set()
     for raw in (doc or "").splitlines():
-        line = raw.strip()
-        if not line.startswith(name + "("):
-            continue
-        end = _call_end(line, len(name))
-        if end is None:
-            continue
-        rest = line[end + 1:].strip()
-        arrow = next((a for a in _ARROWS if rest.startswith(a)), None)
-        if arrow is None:
-            continue
-        value = rest[len(arrow):].strip().rstrip(".,;")
-        code = f"assert {line[: end + 1]} == {value}"
-        if value and _parses(code):
+        line = _BULLET.sub("", raw.strip())
+        code = None
+        if line.startswith(name + "("):
+            end = _call_end(line, len(name))
+            if end is None:
+                continue
+            rest = line[end + 1:].strip().lstrip("#").strip()
+            arrow = next((a for a in _ARROWS if rest.lower().startswith(a)), None)
+            value = _value(rest[len(arrow):]) if arrow else None
+            if value is not None:
+                code = f"assert {line[: end + 1]} == {value}"
+        elif params and (m := _FOR.match(line)):
+            call, value = _keyword_call(name, m["args"], params), _value(m["value"])
+            if call and value is not None:
+                code = f"assert {call} == {value}"
+        if code and _parses(code) and _closed(code, name) and code not in seen:
+            seen.add(code)
             out.append(Test(f"example{len(out) + 1}", "example", code))
+    return out
+
+
+def written_tests(doc: str | None, name: str, params: Sequence[str] = ()) -> list[Test]:
+    """The tests the docstring writes itself: its doctests and its example lines, each once."""
+    out: list[Test] = []
+    seen: set[str] = set()
+    for t in doctests(doc, name) + example_lines(doc, name, params):
+        key = t.code if t.kind == "doctest" else ast.dump(ast.parse(t.code))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
     return out
 
 
@@ -387,7 +510,8 @@ class Candidate:
     index: int  # first sample that produced it
     define: str = "not run"  # the candidate's module ran: passed | error: ... | timeout
     results: dict[str, str] = field(default_factory=dict)  # test id -> passed | failed... | error: ...
-    score: int = 0
+    score: int = 0  # CodeT: (samples in its group) × (tests the group passes)
+    written: int = 0  # how many of the docstring's own tests (doctests, example lines) it passes
     passed: tuple[str, ...] = ()
     greedy: bool = False  # the greedy body is this text
 
@@ -702,9 +826,11 @@ def execute(candidates: Sequence[Candidate], program_of: Callable[[str], str], t
 
 
 def rank(candidates: list[Candidate], tests: list[Test]) -> tuple[list[Candidate], list[Test], int]:
-    """CodeT's dual agreement. Generated tests that no candidate passes are dropped (their count is
-    returned); examples from the docstring stay. Candidates sorted by score, then the greedy body first
-    among equals, then samples, then order."""
+    """Execution filtering on the docstring's own examples, then CodeT's dual agreement. Generated tests
+    that no candidate passes are dropped (their count is returned); the docstring's tests stay.
+    Candidates sorted by how many of the docstring's tests they pass (the user's spec, as written:
+    AlphaCode-style filtering), then by CodeT score, then the greedy body first among equals, then
+    samples, then order."""
     def passes(c: Candidate, t: Test) -> bool:
         return c.define == "passed" and c.results.get(t.id) == "passed"
 
@@ -713,11 +839,19 @@ def rank(candidates: list[Candidate], tests: list[Test]) -> tuple[list[Candidate
     groups: dict[tuple[str, ...], int] = {}
     for c in candidates:
         c.passed = tuple(t.id for t in kept if passes(c, t))
+        c.written = sum(t.kind != "generated" and passes(c, t) for t in kept)
         groups[c.passed] = groups.get(c.passed, 0) + c.samples + c.greedy  # the greedy body weighs as one sample
     for c in candidates:
         c.score = groups[c.passed] * len(c.passed)
-    ordered = sorted(candidates, key=lambda c: (-c.score, not c.greedy, -c.samples, c.index))
+    ordered = sorted(candidates, key=codet_key)
+    ordered.sort(key=lambda c: -c.written)  # stable: CodeT order within the same examples passed
     return ordered, kept, dropped
+
+
+def codet_key(c: Candidate) -> tuple:
+    """CodeT's order alone (score, then greedy, samples, sample order): what ``rank`` does within
+    candidates that pass the same number of the docstring's tests."""
+    return (-c.score, not c.greedy, -c.samples, c.index)
 
 
 # ---- the whole request ---------------------------------------------------------------------------
@@ -780,7 +914,7 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
         evidence["timings"] = timings
         return CheckOutcome(cands, samples, [], evidence, cancel.cancelled)
     doc = docstring_of(req.prefix, fn)
-    written = doctests(doc) + example_lines(doc, fn.name)
+    written = written_tests(doc, fn.name, parameters_of(req.prefix, fn))
     seen = {ast.dump(ast.parse(t.code)) for t in written if t.kind == "example"}
     generated, counts = ([], {"unparsable": 0, "duplicates": 0}) if writing is None else parse_generated(
         [writing[1].update(i, toks) for i, toks in enumerate(outs[1])], fn.name, opts.tests, seen)
@@ -811,6 +945,7 @@ def check(completer, req: InfillRequest, opts: CheckOptions, cancel: CancelToken
 
 def _cand_json(c: Candidate, rank_no: int) -> dict[str, Any]:
     return {"rank": rank_no, "text": c.text, "samples": c.samples, "greedy": c.greedy, "score": c.score,
+            "docstring_tests_passed": c.written,
             "passed": list(c.passed),
             "failed": {k: v for k, v in c.results.items() if v != "passed"},
             "error": None if c.define in ("passed", "not run") else c.define}
@@ -882,7 +1017,10 @@ def evidence_markdown(evidence: dict[str, Any], limit: int = 5) -> str:
         lines.append(f"{len(tests)} tests; discarded: {d.get('unparsable', 0)} unparsable, "
                      f"{d.get('failing_everywhere', 0)} failing on every candidate")
     for c in evidence.get("candidates", [])[:limit]:
+        own = sum(t["kind"] != "generated" for t in tests.values())
         head = f"**#{c['rank']}** score {c['score']}, {c['samples']} sample(s), passes {len(c['passed'])}/{len(tests)}"
+        if own:
+            head += f" ({c.get('docstring_tests_passed', 0)}/{own} of the docstring's)"
         if c.get("error"):
             head += f" — {c['error']}"
         lines.append(head)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 METRICS = ("em", "es", "pass_at_1", "pass_at_1_greedy", "pass_at_1_sampled", "pass_at_10_sampled",
-           "pass_at_1_checked")
+           "pass_at_1_checked", "pass_at_1_codet_only", "pass_at_1_best_candidate")
 
 
 def main(path: str, *more: str) -> Path:

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-exec", action="store_true", help="skip running tests (no pass@1)")
     p.add_argument("--cold", action="store_true", help="no KV reuse between cases (cold latency)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, help="override generated tokens per case")
-    p.add_argument("--out", help="write JSON results here")
+    p.add_argument("--out", help="write JSON results here (humaneval-function: finished problems are kept in "
+                                 "OUT.rows.jsonl as it runs; the same command resumes a killed run)")
     p.add_argument("--paired-healing", action="store_true",
                    help="run each suite again without token healing; print the paired ES difference (95%% CI)")
     p.add_argument("--baseline", metavar="FIELD=VALUE,...", action="append",
@@ -96,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         print(report.table(cfg.model.model))
     if args.out:
         write_reports([*reports, *checked], Path(args.out))
+        if checked:
+            from localcoder.eval.humaneval_function import rows_path
+
+            rows_path(Path(args.out)).unlink(missing_ok=True)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

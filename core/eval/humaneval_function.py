@@ -11,10 +11,12 @@ difference comes with a paired bootstrap 95% CI (``metrics.paired_bootstrap``).
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from localcoder.completion import InfillRequest
 from localcoder.eval.metrics import paired_bootstrap
@@ -64,6 +66,9 @@ class Row:
     checked_ms: float  # sampling + test writing + execution + ranking, end to end
     greedy_text: str = ""
     checked_text: str = ""
+    codet_pass: bool = False  # the top candidate by CodeT's score alone (no docstring filter) passes
+    docstring_tests: int = 0  # of ``tests``, the docstring's own (doctests, example lines)
+    candidates: list[dict] = field(default_factory=list)  # per candidate: the evidence and the verdict
 
 
 @dataclass
@@ -81,7 +86,9 @@ class FunctionReport:
             return {"name": self.name, "n": 0}
         greedy = [float(r.greedy_pass) for r in rows]
         checked = [float(r.checked_pass) for r in rows]
+        codet = [float(r.codet_pass) for r in rows]
         diff, lo, hi = paired_bootstrap(checked, greedy)
+        cdiff, clo, chi = paired_bootstrap(codet, greedy)
         p10 = [r.pass_at_10 for r in rows if r.n >= 10]
         return {"name": self.name, "n": len(rows), "candidates": self.candidates, "tests": self.tests,
                 "batched_decode": self.batched,
@@ -90,6 +97,11 @@ class FunctionReport:
                 "pass_at_10_sampled": round(statistics.fmean(p10), 4) if p10 else None,
                 "pass_at_1_checked": round(statistics.fmean(checked), 4),
                 "checked_minus_greedy": round(diff, 4), "ci95": [round(lo, 4), round(hi, 4)],
+                "pass_at_1_codet_only": round(statistics.fmean(codet), 4),
+                "codet_only_minus_greedy": round(cdiff, 4), "codet_only_ci95": [round(clo, 4), round(chi, 4)],
+                "pass_at_1_best_candidate": round(statistics.fmean(float(any(c["hidden"] for c in r.candidates))
+                                                                    for r in rows), 4),
+                "with_docstring_tests": sum(r.docstring_tests > 0 for r in rows),
                 "median_checked_s": round(statistics.median(r.checked_ms for r in rows) / 1000, 2),
                 "median_greedy_s": round(statistics.median(r.greedy_ms for r in rows) / 1000, 2)}
 
@@ -102,24 +114,73 @@ class FunctionReport:
             return f"{self.name}: no problems"
         p10 = "–" if s["pass_at_10_sampled"] is None else f"{s['pass_at_10_sampled']:.3f}"
         lo, hi = s["ci95"]
+        clo, chi = s["codet_only_ci95"]
         return ("| model | n | N | M | pass@1 greedy | pass@1 (N samples) | pass@10 | checked top-1 | "
-                "checked − greedy (95% CI) | median checked | median greedy |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|\n"
+                "checked − greedy (95% CI) | CodeT alone top-1 (95% CI vs greedy) | best candidate | "
+                "median checked | median greedy |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
                 f"| {model} | {s['n']} | {self.candidates} | {self.tests} | {s['pass_at_1_greedy']:.3f} | "
                 f"{s['pass_at_1_sampled']:.3f} | {p10} | {s['pass_at_1_checked']:.3f} | "
-                f"{s['checked_minus_greedy']:+.3f} ({lo:+.3f}..{hi:+.3f}) | {s['median_checked_s']:.1f} s | "
+                f"{s['checked_minus_greedy']:+.3f} ({lo:+.3f}..{hi:+.3f}) | "
+                f"{s['pass_at_1_codet_only']:.3f} ({s['codet_only_minus_greedy']:+.3f}, {clo:+.3f}..{chi:+.3f}) | "
+                f"{s['pass_at_1_best_candidate']:.3f} | {s['median_checked_s']:.1f} s | "
                 f"{s['median_greedy_s']:.1f} s |")
 
 
+class Checkpoint:
+    """One JSON line per finished problem (the first line: the run's settings), appended and fsynced, so
+    that a killed run loses at most the problem it was on and the same command resumes where it
+    stopped. Rows of a run with other settings are refused, never mixed in."""
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        from localcoder.errors import InvalidRequest
+
+        self.path, self.rows = path, {}
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            head = json.loads(lines[0]) if lines else {}
+            if head.get("settings") != settings:
+                changed = sorted(k for k in set(settings) | set(head.get("settings", {}))
+                                 if settings.get(k) != head.get("settings", {}).get(k))
+                raise InvalidRequest(f"{path} holds the finished problems of a run with other settings "
+                                     f"({', '.join(changed) or 'unreadable'}): delete it or choose another --out",
+                                     param="out")
+            for line in lines[1:]:
+                try:
+                    row = Row(**json.loads(line))
+                except (ValueError, TypeError):  # the line a kill cut short
+                    continue
+                self.rows[row.id] = row
+            path.write_text("".join(json.dumps(x) + "\n" for x in
+                                    [head] + [asdict(r) for r in self.rows.values()]), encoding="utf-8")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"settings": settings})
+
+    def _append(self, obj: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(obj) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def add(self, row: Row) -> None:
+        self.rows[row.id] = row
+        self._append(asdict(row))
+
+
 def evaluate_function(completer, problems: list[dict], opts, *, progress: bool = True,
-                      name: str = "humaneval-function", timeout_s: float = 10.0) -> FunctionReport:
+                      name: str = "humaneval-function", timeout_s: float = 10.0,
+                      checkpoint: Checkpoint | None = None) -> FunctionReport:
     from tqdm import tqdm
 
-    from localcoder.checked import check
+    from localcoder.checked import check, codet_key
 
     report = FunctionReport(name, opts.candidates, opts.tests)
     bar = tqdm(problems, desc=name, unit="problem", disable=not progress, dynamic_ncols=True)
     for p in bar:
+        if checkpoint is not None and p["task_id"] in checkpoint.rows:
+            report.rows.append(checkpoint.rows[p["task_id"]])
+            continue
         req = InfillRequest(p["prompt"], "", path=f"{p['entry_point']}.py", mode="multi", max_tokens=opts.max_tokens)
         t0 = time.perf_counter()
         greedy = completer.complete(req)
@@ -129,12 +190,17 @@ def evaluate_function(completer, problems: list[dict], opts, *, progress: bool =
         verdict = {c.text: run_program(hidden_test(p, c.text), timeout_s).passed for c in outcome.candidates}
         c = sum(verdict[s] for s in outcome.samples)
         top = outcome.candidates[0].text if outcome.candidates else ""
+        codet_top = min(outcome.candidates, key=codet_key).text if outcome.candidates else ""
         report.batched = report.batched or bool(outcome.evidence.get("batched_decode"))
         report.rows.append(Row(
             p["task_id"], run_program(hidden_test(p, greedy.text), timeout_s).passed, len(outcome.samples), c,
             pass_at_k(len(outcome.samples), c, 1), pass_at_k(len(outcome.samples), c, 10),
             verdict.get(top, False), len(outcome.tests), len(outcome.candidates), (t1 - t0) * 1000, (t2 - t1) * 1000,
-            greedy.text, top))
+            greedy.text, top, verdict.get(codet_top, False), sum(t.kind != "generated" for t in outcome.tests),
+            [{"samples": c.samples, "greedy": c.greedy, "docstring_tests_passed": c.written, "score": c.score,
+              "tests_passed": len(c.passed), "hidden": verdict[c.text]} for c in outcome.candidates]))
+        if checkpoint is not None:
+            checkpoint.add(report.rows[-1])
         s = report.summary
         bar.set_postfix(greedy=s["pass_at_1_greedy"], checked=s["pass_at_1_checked"])
     return report
@@ -150,7 +216,20 @@ def run_suite(completer, cfg, args) -> FunctionReport:
         opts.candidates = 10
     if args.max_tokens:
         opts.max_tokens = args.max_tokens
-    return evaluate_function(completer, load_problems(args.limit, args.seed), opts, progress=not args.quiet)
+    checkpoint = None
+    if args.out:  # finished problems are kept beside the report, so a killed run resumes (same command)
+        settings = {"suite": "humaneval-function", "limit": args.limit, "seed": args.seed, "options": asdict(opts),
+                    "model": {k: v for k, v in asdict(cfg.model).items() if k not in ("threads", "engine_api_key")},
+                    "completion": asdict(cfg.completion)}
+        checkpoint = Checkpoint(rows_path(Path(args.out)), json.loads(json.dumps(settings)))
+    report = evaluate_function(completer, load_problems(args.limit, args.seed), opts, progress=not args.quiet,
+                               checkpoint=checkpoint)
+    return report
+
+
+def rows_path(out: Path) -> Path:
+    """Where ``--out X.json`` keeps the finished problems while the suite runs (removed once X.json is written)."""
+    return out.with_name(out.name + ".rows.jsonl")
 
 
 def dump(report: FunctionReport) -> str:

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from localcoder.checked import (CheckOptions, Candidate, Test, check, checked_request, doctests, example_lines,
-                                function_at_cursor, parse_generated, rank, run_candidate)
+                                function_at_cursor, parameters_of, parse_generated, rank, run_candidate,
+                                written_tests)
 from localcoder.completion import Completer, InfillRequest
 from localcoder.config import Config
 from localcoder.engines.base import CancelToken
@@ -214,6 +215,65 @@ def test_doctests_and_example_lines_count_as_written():
     assert res == {"doctest1": "passed", "doctest2": "passed"}
 
 
+def test_the_ways_docstrings_write_examples_become_assertions():
+    """HumanEval's docstrings write examples a dozen ways (``==>``, ``->`` with the working, ``returns``,
+    ``should return``, ``=``, bullets, ``For x = .. the output should be ..``); each is an assertion,
+    and what is not an example (a definition with free names, prose) is left out."""
+    doc = """Examples:
+    f(1) ==> true
+    f(2)==>False
+    * f([]) => []
+    f(3)   # returns "db11db"
+    f('Hi') returns 'iH'
+    f({"a": 1}) should return True.
+    f(12, 15) = 14
+    f("5 apples", 19) ->19 - 5 - 6 = 8
+    f(7) -> 3 (because 7 has three bits)
+    For x = [1,2] the output should be 3
+    For x = "ab", y = "a", the result should be ('b',False)
+    For x = 1000, the sum of digits will be 1 the output should be "1".
+    For z = 1 the output should be 2
+    f(n) == f(n-1) + f(n-2)
+    f(x) is big
+    f(4) returns the sum of its digits
+    """
+    codes = [t.code for t in example_lines(doc, "f", ["x", "y"])]
+    assert codes == ["assert f(1) == True", "assert f(2) == False", "assert f([]) == []", 'assert f(3) == "db11db"',
+                     "assert f('Hi') == 'iH'", 'assert f({"a": 1}) == True', "assert f(12, 15) == 14",
+                     'assert f("5 apples", 19) == 8', "assert f(7) == 3", "assert f(x=[1, 2]) == 3",
+                     "assert f(x='ab', y='a') == ('b',False)", 'assert f(x=1000) == "1"']
+    assert not example_lines(doc, "g")  # only the function's own calls; "For .." needs its parameters
+
+
+def test_doctests_written_as_comparisons_count_and_a_broken_block_loses_only_itself():
+    # ">>> f(1) == 2" with no output line is an assertion the author meant; a string literal with a
+    # real newline breaks doctest's parser for the whole docstring, not for the other examples
+    doc = "Doc.\n    >>> f(1) == 2\n    >>> f('a\nb')\n    'ab'\n    >>> f(3)\n    4\n    >>> y = f(0) == 1\n"
+    tests = written_tests(doc, "f")
+    assert [(t.kind, t.code) for t in tests] == [("example", "assert f(1) == 2"), ("doctest", "f(3)")]
+    assert tests[1].setup == ""  # an assignment stays setup, and only for the examples after it
+    define, res = run_candidate("def f(x):\n    return x + 1\n", tests, CheckOptions())
+    assert res == {tests[0].id: "passed", tests[1].id: "passed"}
+    # the same example written both ways counts once
+    assert [t.code for t in written_tests(">>> f(1) == 2\n\nf(1) == 2\nf(2) ==> 3\n", "f")] == [
+        "assert f(1) == 2", "assert f(2) == 3"]
+    src = "def f(a, b=1, *, c):\n    \"\"\"Doc.\"\"\"\n    "
+    assert parameters_of(src, function_at_cursor(src, "")) == ["a", "b", "c"]
+
+
+def test_the_docstrings_own_tests_filter_before_codet_agreement():
+    """A candidate that passes every example the user wrote outranks a bigger group that passes more
+    generated tests but fails one of those examples (AlphaCode-style filtering, then CodeT)."""
+    p, f = "passed", "failed"
+    tests = [Test("e1", "example", "assert 1"), Test("e2", "doctest", "1", "1")] + [
+        Test(f"g{i}", "generated", "assert 1") for i in range(4)]
+    right = Candidate("right", 1, 0, p, {"e1": p, "e2": p, "g0": p, "g1": f, "g2": f, "g3": f})
+    crowd = Candidate("crowd", 6, 1, p, {"e1": p, "e2": f, "g0": p, "g1": p, "g2": p, "g3": p})
+    ordered, _, _ = rank([crowd, right], tests)
+    assert [c.text for c in ordered] == ["right", "crowd"]
+    assert (right.written, crowd.written) == (2, 1) and crowd.score > right.score  # CodeT alone would pick crowd
+
+
 def test_generated_asserts_are_parsed_deduplicated_and_counted():
     tests, counts = parse_generated(["1) == 2\nassert f(2) == 3\nassert f(1) == 2\nassert f(\nassert g(1)\nx = 1\n"
                                      "assert f(9) == 9"], "f", 8, set())
@@ -397,3 +457,56 @@ async def test_lsp_code_action_complete_function_checked(tmp_path):
         await client.shutdown_session()
     finally:
         await client.stop()
+
+
+def test_function_eval_scores_the_checked_answer_codet_alone_and_every_candidate_on_hidden_tests():
+    """``--suite humaneval-function`` on one problem whose docstring example (``add(1, 1) == 2``) the
+    right body passes: the crowd's wrong body passes more of the model's tests, so CodeT alone picks it
+    and fails the hidden tests, while the filtered ranking passes; each candidate's verdict is kept."""
+    from localcoder.eval.humaneval_function import evaluate_function
+
+    prompt = 'def add(a, b):\n    """Add two numbers.\n\n    add(1, 1) == 2\n    """\n'
+    problem = {"task_id": "T/0", "prompt": prompt, "entry_point": "add",
+               "test": "def check(f):\n    assert f(2, 3) == 5\n    assert f(0, 0) == 0\n"}
+    double = "    return 2 * a\n"  # passes add(1, 1) == 2, fails the hidden add(2, 3)
+    crowd = "    return a + b + 1\n"  # fails the docstring's example, passes the three (wrong) generated tests
+    tests = ["0, 0) == 1\nassert add(2, 2) == 5\nassert add(1, 2) == 4\n"]
+    engine = ScriptedEngine([crowd, GOOD, crowd, crowd, double], tests)
+    opts = CheckOptions(candidates=5, tests=8, test_seconds=1.0, define_seconds=1.0, tests_budget_seconds=3.0)
+    report = evaluate_function(Completer(engine), [problem], opts, progress=False)
+    (row,) = report.rows
+    assert row.checked_pass and not row.codet_pass and not row.greedy_pass  # greedy = seed 0 = crowd
+    assert row.checked_text == GOOD.rstrip("\n") and row.docstring_tests == 1
+    verdicts = {(c["docstring_tests_passed"], c["hidden"]) for c in row.candidates}
+    assert verdicts == {(0, False), (1, True), (1, False)}  # crowd, GOOD, double
+    s = report.summary
+    assert s["pass_at_1_checked"] == 1.0 and s["pass_at_1_codet_only"] == 0.0 and s["pass_at_1_best_candidate"] == 1.0
+    assert "CodeT alone" in report.table("fake")
+
+
+def test_function_eval_resumes_from_its_rows_and_refuses_rows_of_other_settings(tmp_path):
+    """A killed run loses at most the problem it was on: finished problems are appended (fsynced) to
+    the checkpoint, a line cut short by the kill is ignored, the same settings resume without running
+    them again, and other settings are refused with a clear error naming ``out``."""
+    from localcoder.eval.humaneval_function import Checkpoint, evaluate_function
+
+    def problem(i):
+        return {"task_id": f"T/{i}", "prompt": 'def add(a, b):\n    """Add.\n\n    add(1, 1) == 2\n    """\n',
+                "entry_point": "add", "test": "def check(f):\n    assert f(2, 3) == 5\n"}
+
+    opts = CheckOptions(candidates=2, tests=8, test_seconds=1.0, define_seconds=1.0, tests_budget_seconds=3.0)
+    path = tmp_path / "he.json.rows.jsonl"
+    first = ScriptedEngine([GOOD, WRONG], TESTS)
+    evaluate_function(Completer(first), [problem(0), problem(1)], opts, progress=False,
+                      checkpoint=Checkpoint(path, {"n": 2}))
+    with path.open("a") as fh:
+        fh.write('{"id": "T/2", "greedy_pa')  # the kill
+    again = ScriptedEngine([GOOD, WRONG], TESTS)
+    report = evaluate_function(Completer(again), [problem(i) for i in range(3)], opts, progress=False,
+                               checkpoint=Checkpoint(path, {"n": 2}))
+    assert [r.id for r in report.rows] == ["T/0", "T/1", "T/2"] and all(r.checked_pass for r in report.rows)
+    assert len(again.seeds) == len(first.seeds) // 2  # only T/2 was sampled again
+    assert [json.loads(line).get("id") for line in path.read_text().splitlines()] == [None, "T/0", "T/1", "T/2"]
+    with pytest.raises(InvalidRequest) as err:
+        Checkpoint(path, {"n": 3})
+    assert err.value.param == "out" and "delete it" in str(err.value)
