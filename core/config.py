@@ -49,7 +49,8 @@ class ModelConfig:
         "help": "psm | spm | spm2 | auto (the model's trained order; others only when the model declares them)"})
     gguf_type: GgufType = field(default="auto", metadata={
         "help": "llama.cpp, packaged models: the weight type served, requantized once from the shipped file and "
-                "cached beside it: auto (the measured fastest that keeps quality: iq4_nl for the 0.5B) | original "
+                "cached beside it: auto (the measured fastest that keeps quality: the shipped file for both packaged "
+                "models; IQ4_NL cost the 0.5B 10 points of function pass@1) | original "
                 "(the shipped file as it is) | iq4_nl | q4_0 | q8_0"})
     adapter: str = field(default="auto", metadata={
         "help": "llama.cpp LoRA adapter: auto (the layout adapter shipped for the model, if any) | off | a .gguf path"})

