@@ -301,6 +301,7 @@ def _keyword_call(name: str, args: str, params: Sequence[str]) -> str | None:
 
 
 _JS_CONSTANTS = {"true": "True", "false": "False", "null": "None"}
+_EXAMPLE_CHARS = 2000
 
 
 def _closed(code: str, name: str) -> bool:
@@ -319,6 +320,8 @@ def example_lines(doc: str | None, name: str, params: Sequence[str] = ()) -> lis
     seen: set[str] = set()
     for raw in (doc or "").splitlines():
         line = _BULLET.sub("", raw.strip())
+        if len(line) > _EXAMPLE_CHARS:  # not an example anyone reads; and parsing it piece by piece is quadratic
+            continue
         code = None
         if line.startswith(name + "("):
             end = _call_end(line, len(name))

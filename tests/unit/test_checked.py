@@ -243,6 +243,8 @@ def test_the_ways_docstrings_write_examples_become_assertions():
                      'assert f("5 apples", 19) == 8', "assert f(7) == 3", "assert f(x=[1, 2]) == 3",
                      "assert f(x='ab', y='a') == ('b',False)", 'assert f(x=1000) == "1"']
     assert not example_lines(doc, "g")  # only the function's own calls; "For .." needs its parameters
+    hostile = "For x = " + ",".join(["1"] * 1900) + " the output should be 1\n" + "f(" + "(" * 5000 + "\n"
+    assert example_lines(hostile, "f", ["x"]) == []  # over-long lines are not read piece by piece
 
 
 def test_doctests_written_as_comparisons_count_and_a_broken_block_loses_only_itself():
