@@ -151,8 +151,10 @@ class Checkpoint:
                 except (ValueError, TypeError):  # the line a kill cut short
                     continue
                 self.rows[row.id] = row
-            path.write_text("".join(json.dumps(x) + "\n" for x in
-                                    [head] + [asdict(r) for r in self.rows.values()]), encoding="utf-8")
+            tmp = path.with_name(path.name + ".tmp")  # without the cut line, so appends start on a line of their own
+            tmp.write_text("".join(json.dumps(x) + "\n" for x in [head] + [asdict(r) for r in self.rows.values()]),
+                           encoding="utf-8")
+            os.replace(tmp, path)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._append({"settings": settings})
@@ -222,9 +224,8 @@ def run_suite(completer, cfg, args) -> FunctionReport:
                     "model": {k: v for k, v in asdict(cfg.model).items() if k not in ("threads", "engine_api_key")},
                     "completion": asdict(cfg.completion)}
         checkpoint = Checkpoint(rows_path(Path(args.out)), json.loads(json.dumps(settings)))
-    report = evaluate_function(completer, load_problems(args.limit, args.seed), opts, progress=not args.quiet,
-                               checkpoint=checkpoint)
-    return report
+    return evaluate_function(completer, load_problems(args.limit, args.seed), opts, progress=not args.quiet,
+                             checkpoint=checkpoint)
 
 
 def rows_path(out: Path) -> Path:
