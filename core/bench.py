@@ -406,7 +406,9 @@ def load_tokenizer(model: str) -> Tokenizer:
         from localcoder.engines.fake import ByteTokenizer
 
         return ByteTokenizer()
-    import llama_cpp
+    from localcoder.engines.native import import_llama
+
+    llama_cpp = import_llama()
 
     from localcoder.engines.llamacpp import LlamaTokenizer
 
@@ -523,10 +525,26 @@ def report(cfg: BenchConfig, results: list[WorkloadResult], bound: dict[str, Any
     jump = {t: round(s["p50_ms"] / rows["vim:mid-file"][t]["p50_ms"], 3)
             for t, s in rows.get("vim:after-jump", {}).items() if rows.get("vim:mid-file", {}).get(t, {}).get("p50_ms")}
     return {
-        "config": asdict(cfg), "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
-        "bound": bound, "results": rows, "ratios_localcoder_over_peer": ratios, "after_jump_over_mid_file_p50": jump,
+        "config": asdict(cfg), "machine": machine(), "bound": bound, "results": rows,
+        "ratios_localcoder_over_peer": ratios, "after_jump_over_mid_file_p50": jump,
         "samples": {f"{r.target}/{r.workload}": [asdict(s) for s in r.samples] for r in results},
     }
+
+
+def machine() -> dict[str, Any]:
+    """The machine a report ran on: cores, load, the CPU kernels `kernels auto` serves with, how the llama-server
+    peer was built (tests/setup.d/llama_server.sh's stamp: llama-cpp-python version and CMake flags)."""
+    from localcoder import bench_editor as ed
+    from localcoder.engines import native
+
+    kset = native.best_set()
+    stamp = ed.llama_server_built().with_name("VERSION")
+    try:
+        peer = stamp.read_text(encoding="utf-8").strip()
+    except OSError:
+        peer = None
+    return {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+            "kernels_auto": kset.name if kset and native.built(kset) else "portable", "llama_server_build": peer}
 
 
 def markdown(report_: dict[str, Any]) -> str:
@@ -547,6 +565,10 @@ def markdown(report_: dict[str, Any]) -> str:
         lines += ["", f"Physical bound: read bandwidth {b['read_bandwidth_gbs']} GB/s ({b['threads']} threads) ÷ "
                   f"{bt['total'] / 1e6:.0f} MB read per token (output head {bt['output_head'] / 1e6:.0f} MB, "
                   f"{b['output_head_share']:.0%}) = **{b['decode_tok_per_s_bound']} tok/s** decode at most."]
+    m = report_.get("machine", {})
+    if "kernels_auto" in m:
+        lines += ["", f"Machine: {m['cpus']} CPUs, load {m['load_avg_1m']:.2f} at the end; localcoder's CPU kernels "
+                  f"(`kernels auto`): {m['kernels_auto']}; llama-server built from: {m['llama_server_build'] or '-'}."]
     editor = {(w, t): s for w, by in report_["results"].items() if w.startswith("vim:") for t, s in by.items()
               if "p50_with_client_cache_ms" in s and s.get("prompt_tokens_mean")}
     if editor:

@@ -1,4 +1,4 @@
-"""`localcoder models list|pull|verify|path|rm|convert|register`."""
+"""`localcoder models list|pull|verify|path|rm|convert|register|kernels`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     reg = sub.add_parser("register", help="register a local artifact under a name")
     reg.add_argument("name")
     reg.add_argument("path")
+    ker = sub.add_parser("kernels", help="show the llama.cpp CPU kernel sets, or build the ones this CPU runs")
+    ker.add_argument("--build", action="store_true",
+                     help="build every set this CPU executes and that is not built yet (~5 min each on 2 cores)")
+    ker.add_argument("--force", action="store_true", help="with --build: build again even if built")
+    ker.add_argument("--json", action="store_true", help="print JSON")
+    ker.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(convert_gguf_to_hf(models.resolve(args.name, pull_if_missing=True), force=args.force))
         return 0
+    if args.action == "kernels":
+        return _kernels(args)
     if args.action == "register":
         r = models.register(args.name, args.path)
         print(f"registered {args.name} -> {r.path} ({r.kind})")
@@ -87,8 +95,38 @@ def _verify(models, name: str | None, progress: bool) -> int:
     return 0
 
 
+def _kernels(args: argparse.Namespace) -> int:
+    import json
+
+    from localcoder.engines import native
+
+    if args.build:
+        flags = native.cpu_flags()
+        if gpu := native.gpu_backends(native.pip_libs()):
+            print(f"llama-cpp-python is built with {', '.join(gpu)}: its own libraries serve, no CPU set is built")
+            return 0
+        for kset in native.SETS.values():
+            missing = kset.cpu_flags - flags
+            if missing:
+                print(f"{kset.name}: not built, this CPU lacks {' '.join(sorted(missing))} (the portable kernels serve)")
+                continue
+            print(f"{kset.name}: {native.build(kset, progress=not args.quiet, force=args.force)}")
+        return 0
+    rows = native.status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = ("KERNELS", "CPU", "BUILT", "PATH")
+    print(_columns([head, *[(r["kernels"], r["cpu"], r["built"], r["path"]) for r in rows]]))
+    return 0
+
+
 def _table(rows) -> str:
     head = ("NAME", "KIND", "STATUS", "SIZE", "SOURCE")
     data = [(r.name, r.kind, r.status, f"{r.size / 1e6:,.0f} MB" if r.size else "-", r.source) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *data])
+    return _columns([head, *data])
+
+
+def _columns(rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(*rows)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows)

@@ -26,6 +26,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Quantization = Literal["none", "int8", "nf4"]
 Speculation = Literal["auto", "off", "lookup", "draft"]
 GgufType = Literal["auto", "original", "iq4_nl", "q4_0", "q8_0"]
+Kernels = Literal["auto", "portable", "avx512"]
 
 
 def check_mode(mode: Any) -> str:
@@ -52,6 +53,10 @@ class ModelConfig:
                 "cached beside it: auto (the measured fastest that keeps quality: the shipped file for both packaged "
                 "models; IQ4_NL cost the 0.5B 10 points of function pass@1) | original "
                 "(the shipped file as it is) | iq4_nl | q4_0 | q8_0"})
+    kernels: Kernels = field(default="auto", metadata={
+        "help": "llama.cpp CPU kernels: auto (the AVX-512 set when this CPU has AVX-512 VNNI/BF16 and "
+                "`localcoder models kernels --build` built it, as make serve does; else portable) | portable (the "
+                "AVX2 build pip installed) | avx512"})
     adapter: str = field(default="auto", metadata={
         "help": "llama.cpp LoRA adapter: auto (the layout adapter shipped for the model, if any) | off | a .gguf path"})
     specialists: str = field(default="auto", metadata={

@@ -174,7 +174,9 @@ def serving_gguf(model: ResolvedModel, gguf_type: str = "auto", progress: bool =
         raise InvalidRequest(f"gguf_type must be auto, original or one of {', '.join(GGUF_TYPES)}", param="gguf_type")
     source = model.path
     out = source.with_name(f"{source.stem}.serve-{kind}.gguf")
-    import llama_cpp
+    from localcoder.engines.native import import_llama
+
+    llama_cpp = import_llama()
 
     want = {"source": _stamp_key(packaged, source), "type": kind, "llama_cpp": llama_cpp.__version__}
     if _made(out, want):
@@ -219,9 +221,10 @@ def _requantize(source: Path, out: Path, kind: str, progress: bool) -> None:
     import ctypes
     import threading
 
-    import llama_cpp
-
     from localcoder.engines.llamacpp import quiet_llama
+    from localcoder.engines.native import import_llama
+
+    llama_cpp = import_llama()
 
     ggml_type, ratio = GGUF_TYPES[kind]
     total = int(source.stat().st_size * ratio)

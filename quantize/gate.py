@@ -148,7 +148,9 @@ def torch_scorer(model) -> Scorer:
 
 
 def gguf_scorer(path: Path, n_ctx: int, threads: int, adapter: Path | None = None) -> tuple[Scorer, Callable[[], None]]:
-    import llama_cpp
+    from localcoder.engines.native import import_llama
+
+    llama_cpp = import_llama()
 
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
                           n_threads=threads or None, lora_path=str(adapter) if adapter else None)

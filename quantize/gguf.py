@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from localcoder.errors import BackendUnavailable, InvalidRequest, ModelCorrupt
+from localcoder.errors import InvalidRequest, ModelCorrupt
 
 PY_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by gguf-py
 K_TYPES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_0", "q5_0", "q3_k_m", "q2_k")  # by llama.cpp
@@ -294,11 +294,9 @@ def student_meta(model_dir: Path) -> dict[str, str]:
 
 def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str, *, threads: int = 0) -> None:
     """GGUF -> GGUF requantisation with llama.cpp (K-quants and the legacy types)."""
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise BackendUnavailable("K-quant GGUF export needs llama-cpp-python",
-                                 hint="pip install 'localcoder[llama]'") from exc
+    from localcoder.engines.native import import_llama
+
+    llama_cpp = import_llama()  # BackendUnavailable when llama-cpp-python is not installed
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type.upper()}", None)
     if ftype is None:
         raise InvalidRequest(f"llama.cpp has no quantization type {type!r}", param="type")

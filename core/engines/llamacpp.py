@@ -30,21 +30,14 @@ import numpy as np
 from localcoder.engines.base import (Aborted, CancelToken, GenerationRequest, SampleGroup, Sampling, StopFn,
                                      Timings, TokenStream, check_request, run_tokens)
 from localcoder.engines.kvcache import PrefixCache, SlotTable, common_prefix_len
-from localcoder.errors import BackendUnavailable, InvalidRequest, ModelCorrupt
+from localcoder.engines.native import import_llama
+from localcoder.engines.native import loaded as loaded_kernels
+from localcoder.errors import InvalidRequest, ModelCorrupt
 
 if TYPE_CHECKING:
     from localcoder.specialists import Bundle
 
 _F16_BYTES = 2  # llama.cpp's default K/V cache type
-
-
-def _import_llama():
-    try:
-        import llama_cpp
-    except ImportError as exc:  # the [llama] extra is not installed
-        raise BackendUnavailable("the llama.cpp engine needs llama-cpp-python",
-                                 hint="pip install 'localcoder[llama]'") from exc
-    return llama_cpp
 
 
 TOKENIZE_MEMO = 2048  # texts whose tokens LlamaTokenizer remembers (lines, suffixes, snippets): <= ~16 MB
@@ -174,7 +167,7 @@ class LlamaCppEngine:
                  n_batch: int = 512, gpu_layers: int = -1, device: str = "auto", model_name: str | None = None,
                  cache_slots: int = 1, drafter=None, adapter: str | os.PathLike | None = None,
                  bundle: "Bundle | None" = None):
-        llama_cpp = _import_llama()
+        llama_cpp = import_llama()
         path = Path(model_path)
         if not path.is_file():
             raise ModelCorrupt(f"model file not found: {path}")
@@ -195,7 +188,8 @@ class LlamaCppEngine:
         self._lib = llama_cpp
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model.model, desc, len(desc))
-        self.weights = {"file": str(path), "type": desc.value.decode("utf-8", "replace")}  # /health says which
+        # /health says which weights and which CPU kernels (engines.native) serve
+        self.weights = {"file": str(path), "type": desc.value.decode("utf-8", "replace"), **loaded_kernels()}
         self.adapter: dict[str, str] = {}  # the LoRA adapter applied to every request: path + its metadata
         self._lora = None  # that adapter (llama_adapter_lora_p), None: none
         self.bundle = bundle  # specialist adapters a request picks by index (GenerationRequest.adapter)
@@ -248,6 +242,7 @@ class LlamaCppEngine:
                 raise InvalidRequest(f"the draft model must be a GGUF file; {name} is {draft.kind}", param="draft_model")
             return engine(models.serving_gguf(draft, cfg.gguf_type), draft.name)
 
+        import_llama(cfg.kernels)  # the first import picks the CPU kernels (before serving_gguf imports llama_cpp)
         bundle = open_bundle(model)  # before the weights load: a wrong bundle is refused at once
         drafter = build_drafter(cfg.speculation, cfg.draft_model, load_draft)
         target = engine(models.serving_gguf(model, cfg.gguf_type), model.name, drafter, model.meta.get("adapter"), bundle)

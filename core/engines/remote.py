@@ -420,9 +420,9 @@ def local_tokenizer(model) -> Tokenizer:
 
         return ByteTokenizer()
     if model.kind == "gguf":
-        from localcoder.engines.llamacpp import LlamaTokenizer, _import_llama
+        from localcoder.engines.llamacpp import LlamaTokenizer, import_llama
 
-        llama_cpp = _import_llama()
+        llama_cpp = import_llama()
         t0 = time.perf_counter()
         llm = llama_cpp.Llama(model_path=str(model.path), vocab_only=True, verbose=False)
         log.info("vocabulary of %s loaded in %.0f ms", model.name, (time.perf_counter() - t0) * 1000)

@@ -211,3 +211,47 @@ def _default_config():
     cfg = Config()
     cfg.model.threads = 2
     return cfg
+
+
+KERNELS_PROBE = """
+import json, sys
+from localcoder.completion import Completer, InfillRequest
+from localcoder.config import Config
+cfg = Config()
+cfg.model.threads, cfg.model.kernels = 2, sys.argv[1]
+c = Completer.from_config(cfg, pull=True, progress=False)
+r = c.complete(InfillRequest(sys.argv[2], sys.argv[3]))
+maps = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libggml-cpu" in line})
+print(json.dumps({"weights": c.engine.weights, "maps": maps, "text": r.text}))
+"""
+
+
+def test_the_avx512_kernels_serve_by_default_where_the_cpu_has_them(model_05b_path):
+    """`make test` (like `make serve`) builds the AVX-512 set on a CPU that runs it; `kernels auto` then loads it
+    instead of pip's portable build, every library from its own folder, and completes as the portable one does.
+    Asking for it on a CPU without AVX-512 is a clear error."""
+    import json
+
+    from localcoder.engines import native
+
+    def probe(kernels: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", KERNELS_PROBE, kernels, FIB_PREFIX, FIB_SUFFIX],
+                              capture_output=True, text=True, timeout=300)
+
+    missing = native.AVX512.cpu_flags - native.cpu_flags()
+    if missing:  # an AVX2-only machine: the set is neither built nor loadable, and asking for it says why
+        r = probe("avx512")
+        assert r.returncode != 0 and "this CPU lacks" in r.stderr
+        pytest.skip(f"this CPU lacks {' '.join(sorted(missing))}: the portable kernels are the only ones")
+    folder = native.built(native.AVX512)
+    assert folder is not None, "the AVX-512 set is not built: run `localcoder models kernels --build` (make test does)"
+    runs = {}
+    for kernels in ("auto", "portable"):
+        r = probe(kernels)
+        assert r.returncode == 0, r.stderr
+        runs[kernels] = json.loads(r.stdout.strip().splitlines()[-1])
+    auto, portable = runs["auto"], runs["portable"]
+    assert auto["weights"]["kernels"] == "avx512" and auto["weights"]["path"] == str(folder.resolve())
+    assert auto["maps"] == [str((folder / "libggml-cpu.so").resolve())]
+    assert portable["weights"]["kernels"] == "portable" and portable["maps"][0].startswith(str(native.pip_libs()))
+    assert "fib(n" in auto["text"] and auto["text"] == portable["text"]
