@@ -188,9 +188,9 @@ class InfillTarget:
 
 def llama_server_built() -> Path:
     """Where ``tests/setup.d/llama_server.sh`` builds llama-server (``make test`` runs it)."""
-    home = os.environ.get("LLAMA_SERVER_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                        "localcoder", "llama-server")
-    return Path(home) / "bin" / "llama-server"
+    from localcoder.models import home
+
+    return Path(os.environ.get("LLAMA_SERVER_HOME") or home() / "llama-server") / "bin" / "llama-server"
 
 
 def find_llama_server() -> str | None:
