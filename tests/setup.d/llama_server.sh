@@ -31,6 +31,7 @@ CMAKE=$("$PY" -c 'from localcoder.engines import native; print(native.cmake())')
 mkdir -p "$HOME_DIR/bin"
 
 start=$(date +%s)
+rm -rf "$HOME_DIR/build"  # other flags or another source path: CMake refuses a cache made for other ones
 # shellcheck disable=SC2086  # FLAGS is a list of -D options
 "$CMAKE" -S "$SRC/vendor/llama.cpp" -B "$HOME_DIR/build" -DCMAKE_BUILD_TYPE=Release $FLAGS \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
