@@ -187,7 +187,9 @@ def import_llama(kernels: str | None = None):
 
 
 def _import_from(folder: Path | None):
-    """``import llama_cpp`` with its libraries from ``folder`` (None: pip's); None when they do not load."""
+    """``import llama_cpp`` with its libraries from ``folder`` (None: pip's); None when they do not load.
+    ``LLAMA_CPP_LIB_PATH`` is set for the import only: child processes (servers the bench starts, the checked
+    sandbox) choose their own kernels."""
     if folder is not None:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(folder)
     try:
@@ -195,10 +197,12 @@ def _import_from(folder: Path | None):
     except (RuntimeError, OSError):  # llama-cpp-python raises RuntimeError("Failed to load shared library ...")
         if folder is None:
             raise
-        os.environ.pop("LLAMA_CPP_LIB_PATH", None)
         for name in [m for m in sys.modules if m == "llama_cpp" or m.startswith("llama_cpp.")]:
             del sys.modules[name]  # the half-imported package, so that the next import starts over
         return None
+    finally:
+        if folder is not None:
+            os.environ.pop("LLAMA_CPP_LIB_PATH", None)
     return llama_cpp
 
 

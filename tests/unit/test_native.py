@@ -123,3 +123,20 @@ def test_a_failed_build_is_a_clear_error_and_leaves_nothing_that_passes_for_a_bu
     log = next((home / "kernels").glob("*.cmake.log"))
     assert "no compiler" in log.read_text()
     assert native.built(native.AVX512) is None and native.choose("auto", real(AVX512_CPU)) == ("portable", None)
+
+
+def test_the_choice_does_not_leak_into_child_processes():
+    """The library folder is set in the environment for the import only: a server or worker this process starts
+    picks its own kernels (a leaked LLAMA_CPP_LIB_PATH passed for the user's own and overrode a child's
+    `--kernels portable`)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, os; from localcoder.engines import native; native.import_llama(); "
+            "print(json.dumps([native.loaded(), os.environ.get('LLAMA_CPP_LIB_PATH')]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "LOCALCODER_KERNELS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    loaded, leaked = json.loads(r.stdout.strip().splitlines()[-1])
+    assert leaked is None and loaded["kernels"] in ("portable", "avx512")
