@@ -537,14 +537,13 @@ def machine() -> dict[str, Any]:
     from localcoder import bench_editor as ed
     from localcoder.engines import native
 
-    kset = native.best_set()
     stamp = ed.llama_server_built().with_name("VERSION")
     try:
         peer = stamp.read_text(encoding="utf-8").strip()
     except OSError:
         peer = None
     return {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-            "kernels_auto": kset.name if kset and native.built(kset) else "portable", "llama_server_build": peer}
+            "kernels_auto": native.choose("auto")[0], "llama_server_build": peer}
 
 
 def markdown(report_: dict[str, Any]) -> str:

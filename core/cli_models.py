@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     reg.add_argument("path")
     ker = sub.add_parser("kernels", help="show the llama.cpp CPU kernel sets, or build the ones this CPU runs")
     ker.add_argument("--build", action="store_true",
-                     help="build every set this CPU executes and that is not built yet (~5 min each on 2 cores)")
+                     help="build every set this CPU executes and that is not built yet (~2 min each on 2 cores)")
     ker.add_argument("--force", action="store_true", help="with --build: build again even if built")
     ker.add_argument("--json", action="store_true", help="print JSON")
     ker.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
