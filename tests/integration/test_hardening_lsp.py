@@ -6,8 +6,10 @@ case; ``Wire`` reads the server's frames back with a deadline, so a silent serve
 
 from __future__ import annotations
 
+import atexit
 import json
 import queue
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -17,6 +19,7 @@ import pytest
 from lsp_helpers import fake_server, server_env
 
 CONFIG_HOME = tempfile.mkdtemp(prefix="lc-hard-lsp-")
+atexit.register(shutil.rmtree, CONFIG_HOME, True)
 URI = "file:///work/proj/a.py"
 
 
