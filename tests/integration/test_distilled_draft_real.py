@@ -30,12 +30,16 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 @pytest.fixture(scope="module")
 def draft_name(model_05b_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("draft")
+    with pytest.MonkeyPatch.context() as mp:  # undone even when the run fails
+        mp.setenv("XDG_DATA_HOME", str(tmp / "data"))  # a private registry; the packaged models stay where they are
+        yield make_draft(tmp)
+
+
+def make_draft(tmp: Path) -> str:
     """The draft preset, shortened to a few steps on a slice of the standard library, then q8_0 GGUF."""
     from localcoder import models
 
-    tmp = tmp_path_factory.mktemp("draft")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("XDG_DATA_HOME", str(tmp / "data"))  # a private registry; the packaged models stay where they are
     corpus = tmp / "corpus"
     corpus.mkdir()
     for m in ("textwrap", "shlex", "bisect", "heapq", "colorsys", "fnmatch", "glob", "keyword"):
@@ -52,10 +56,9 @@ def draft_name(model_05b_path, tmp_path_factory):
     prov = json.loads((out / "model" / "localcoder.json").read_text())
     assert prov["teacher"] == MODEL and len(prov["student_init"]["layers_kept"]) == 4
     assert cli_main(["quantize", str(out / "model"), "--to", "gguf", "--type", "q8_0", "--out",
-                                 str(tmp / "it-draft.gguf"), "--name", "it-draft", "--no-gate", "--quiet"]) == 0
+                     str(tmp / "it-draft.gguf"), "--name", "it-draft", "--no-gate", "--quiet"]) == 0
     assert models.resolve("it-draft").kind == "gguf"
-    yield "it-draft"
-    mp.undo()
+    return "it-draft"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def test_a_distilled_draft_leaves_the_greedy_output_unchanged(engines, name):
     plain.reset_cache()
     want, _ = generate(plain, prompt)
     drafted.reset_cache()
-    drafted.drafter.engine.reset_cache()
+    draft.reset_cache()
     got, t = generate(drafted, prompt)
     assert_same_greedy(got, want, prompt, plain, c.format.stop_ids(plain.tokenizer), MAX_TOKENS)
     assert_slot_consistent(drafted)  # rejected drafts rolled out of the target's KV cache
