@@ -525,7 +525,8 @@ def candidates_group(completer, req: InfillRequest, opts: CheckOptions
     greedy body's group of one (None when ``opts.greedy`` is off), with the texts and rules that
     ``merge_candidates`` finishes them with (the greedy body's text is the last)."""
     engine = completer.engine
-    rules = StopRules("multi", req.prefix, req.suffix, tuple(req.stop), req.indent)
+    rules = StopRules("multi", req.prefix, req.suffix, tuple(req.stop), req.indent,
+                      getattr(completer, "string_scope", False))
     texts = _Texts(engine.tokenizer, opts.candidates + opts.greedy)  # the greedy body, when wanted, is the last
 
     lengths: dict[int, int] = {}  # tokens of each candidate when it was last seen

@@ -77,7 +77,7 @@ class InfillRequest:
 @dataclass
 class CompletionResult:
     text: str
-    stop_type: str  # eos | limit | word | line | block | suffix | brackets | time | cancelled
+    stop_type: str  # eos | limit | word | line | block | string | suffix | brackets | time | cancelled
     mode: str
     timings: Timings
     truncated: bool
@@ -110,7 +110,7 @@ class CompletionStream:
 class Completer:
     def __init__(self, engine: Engine, fmt: FimFormat | str | None = None, budget: Budget | None = None,
                  order: str = "auto", *, token_healing: bool = True, model_orders: tuple[str, ...] = (),
-                 typed_through: bool = False, jump: Budget | None = None):
+                 typed_through: bool = False, jump: Budget | None = None, string_scope: bool = False):
         self.engine = engine
         self.fmt = get_format(fmt) if isinstance(fmt, str) and fmt != "auto" else (
             fmt if isinstance(fmt, FimFormat) else None)
@@ -119,6 +119,7 @@ class Completer:
         self.token_healing = token_healing  # CompletionConfig.token_healing (localcoder.fim.healing)
         self.model_orders = model_orders  # FIM orders the model declares besides its format's (an adapter's)
         self.typed = TypedThrough() if typed_through else None  # CompletionConfig.typed_through (localcoder.typed)
+        self.string_scope = string_scope  # CompletionConfig.string_scope (StopRules.closer)
         self.jump = jump  # the first window after a cursor jump (CompletionConfig.jump_*; ``jump_window``)
         self.router: Router | None = None  # a specialist bundle's: every request is routed to one of its adapters
         if getattr(engine, "bundle", None) is not None:
@@ -154,7 +155,7 @@ class Completer:
         jump = Budget(c.jump_prefix_tokens, max(0, c.jump_suffix_tokens), 0) if c.jump_prefix_tokens > 0 else None
         return cls(engine, None if fmt == "auto" else fmt, Budget.from_config(c), cfg.model.fim_order,
                    token_healing=c.token_healing, model_orders=tuple(dict.fromkeys(orders)),
-                   typed_through=c.typed_through, jump=jump)
+                   typed_through=c.typed_through, jump=jump, string_scope=c.string_scope)
 
     def prepare(self) -> None:
         """Build now what the first request would otherwise build: token healing's vocabulary table (about
@@ -240,7 +241,7 @@ class Completer:
             holder.result = CompletionResult(shown.text, shown.stop_type, shown.mode, Timings(reused=True), False, 0)
             return holder
         mode = decide_mode(req.prefix, req.suffix) if req.mode == "auto" else req.mode
-        rules = StopRules(mode, req.prefix, req.suffix, tuple(req.stop), req.indent)
+        rules = StopRules(mode, req.prefix, req.suffix, tuple(req.stop), req.indent, self.string_scope)
         ids, truncated = self.prompt(req)
         adapter, route_ms = self.route(req, key)
         cancel = cancel or CancelToken()

@@ -14,6 +14,8 @@ OPENERS = {"(": ")", "[": "]", "{": "}"}
 CLOSERS = {v: k for k, v in OPENERS.items()}
 BLOCK_OPENER_ENDINGS = (":", "{", "(", "[", "=>", "->", " do", " then")
 _WS = re.compile(r"[ \t]*")
+_TRIPLE = re.compile(r'"""|\'\'\'')
+_LINE_COMMENT_OPEN = re.compile(r"^[ \t]*/\*", re.M)
 
 
 def indent_width(line: str) -> int:
@@ -41,6 +43,29 @@ def bracket_depth(text: str) -> int:
     return depth
 
 
+def open_block_closer(prefix: str) -> str:
+    """The delimiter that closes the string or comment block the cursor sits in: a triple-quoted
+    string (Python's docstrings) or a ``/*`` comment opened at the start of a line; "" in code.
+    A light scan (no full lexer): triple quotes pair up in order, a comment opens only at a line's
+    start (so ``"src/**/*.py"`` in a string opens nothing)."""
+    quote, pos = "", 0
+    while True:
+        if quote:  # inside a string: find its end
+            i = prefix.find(quote, pos)
+            if i < 0:
+                return quote
+            quote, pos = "", i + 3
+        else:
+            m = _TRIPLE.search(prefix, pos)
+            if m is None:
+                break
+            quote, pos = m.group(0), m.end()
+    opened = [m.start() for m in _LINE_COMMENT_OPEN.finditer(prefix)]
+    if opened and prefix.find("*/", opened[-1] + 2) < 0:
+        return "*/"
+    return ""
+
+
 def decide_mode(prefix: str, suffix: str) -> str:
     """'single' when the cursor line continues after the cursor or is mid-statement;
     'multi' on an empty line or right after a block opener."""
@@ -62,6 +87,7 @@ class StopRules:
     suffix: str
     stop_words: tuple[str, ...] = ()
     indent: int | None = None  # the cursor line's indentation (llama.cpp's n_indent)
+    string_scope: bool = False  # CompletionConfig.string_scope
 
     def __post_init__(self) -> None:
         self.before = self.prefix.rsplit("\n", 1)[-1]  # cursor line, left of the cursor
@@ -75,6 +101,11 @@ class StopRules:
         # the cursor sits after the indentation of its line (nothing else typed): a middle that starts
         # with that same indentation again would indent the line twice (see drop_repeated_indent)
         self.repeated_indent = self.before if self.before and not self.before.strip(" \t") else ""
+        # string_scope: inside a docstring or a block comment, a multi-line middle ends with the line that
+        # closes it; what a model writes after that (the function's code) is another suggestion, often cut
+        # off by max_tokens. Opt-in: measured, it shortens such middles but costs ES (docs/latency.md,
+        # "The tail of a keystroke")
+        self.closer = open_block_closer(self.prefix) if self.string_scope else ""
 
     def drop_repeated_indent(self, text: str) -> tuple[str, bool]:
         """(text, settled): the generated text without a repeat of the cursor line's indentation at its
@@ -148,6 +179,11 @@ class StopRules:
         depth_cut = self._bracket_cut(text)
         if depth_cut is not None:
             cuts.append((depth_cut, "brackets"))
+        if self.closer:
+            i = text.find(self.closer)
+            end = text.find("\n", i + len(self.closer)) if i >= 0 else -1
+            if end >= 0:
+                cuts.append((end, "string"))
         return cuts
 
     def _bracket_cut(self, text: str) -> int | None:

@@ -30,6 +30,18 @@ def test_multi_line_stops_at_the_end_of_the_block():
     assert r.text == "    total = sum(xs)\n    return total"
 
 
+def test_string_scope_ends_a_multi_line_middle_in_a_docstring_with_its_closing_line():
+    body = 'Returns the total.\n    """\n    return sum(xs)\n'
+    prefix = 'def f(xs):\n    """Add them up.\n\n    '
+    eng = FakeEngine(completion=body)
+    r = Completer(eng, string_scope=True).complete(InfillRequest(prefix, "\n", mode="multi", max_tokens=200))
+    assert (r.text, r.stop_type) == ('Returns the total.\n    """', "string")
+    whole = Completer(FakeEngine(completion=body)).complete(  # the default: off
+        InfillRequest(prefix, "\n", mode="multi", max_tokens=200))
+    assert whole.text == body.rstrip("\n")
+    assert r.timings.predicted_n < whole.timings.predicted_n - 10  # generation stopped there, not trimmed after
+
+
 def test_streamed_deltas_concatenate_to_the_final_text():
     _, c = make("x = 1   \ny = 2\nz = 3\n\n\n")
     s = c.stream(InfillRequest("", "", mode="multi", max_tokens=200))

@@ -1,6 +1,6 @@
 import pytest
 
-from localcoder.stops import StopRules, bracket_depth, decide_mode
+from localcoder.stops import StopRules, bracket_depth, decide_mode, open_block_closer
 
 
 @pytest.mark.parametrize("prefix,suffix,mode", [
@@ -100,3 +100,36 @@ def test_the_completer_inserts_a_re_indented_middle_once():
     engine = FakeEngine(completion="total += x\n")
     assert Completer(engine, token_healing=False).complete(
         InfillRequest(prefix, "\n    return xs\n", mode="single")).text == "total += x"
+
+
+@pytest.mark.parametrize("prefix,closer", [
+    ('def f():\n    """Sum the\n    ', '"""'),
+    ("def f():\n    '''Sum the\n    ", "'''"),
+    ('def f():\n    """Done."""\n    ', ""),
+    ('x = """a' + "'''" + 'b"""\n', ""),  # the other quote inside a string opens nothing
+    ('s = """' + "'''" + '\n', '"""'),
+    ("/**\n * Adds two numbers.\n * ", "*/"),
+    ("/* one */\nint x;\n", ""),
+    ('paths = glob("src/**/*.py")\n', ""),  # "/*" inside a line is not a comment opener
+])
+def test_the_string_or_comment_the_cursor_is_in(prefix, closer):
+    assert open_block_closer(prefix) == closer
+
+
+def test_inside_a_docstring_a_multi_line_middle_ends_with_the_closing_line():
+    prefix = 'class W:\n    def wrap(self, text):\n        """Wrap text.\n\n        '
+    r = StopRules("multi", prefix, "\n        return []\n", string_scope=True)
+    text = 'Chunks are split at spaces.\n        """\n        if self.width <= 0:\n'
+    cut, why = r.check(text)
+    assert why == "string" and text[:cut] == 'Chunks are split at spaces.\n        """'
+    assert r.check('Chunks are split at spaces.\n        """') is None  # the closing line may still grow
+    # in code, a docstring the middle writes is not a reason to stop
+    code = StopRules("multi", "def f(x):\n", "", string_scope=True)
+    assert code.check('    """Double x."""\n    return 2 * x\n') is None
+
+
+def test_inside_a_block_comment_a_multi_line_middle_ends_with_the_closing_line():
+    r = StopRules("multi", "/*\nAdds two numbers.\n", "int add(int a, int b);\n", string_scope=True)
+    text = "Returns the sum.\n*/\nint add(int a, int b) {\n"  # no dedent to end it
+    cut, why = r.check(text)
+    assert why == "string" and text[:cut] == "Returns the sum.\n*/"
