@@ -283,6 +283,8 @@ class InProcessClient:
                 out["fim_order"] = None
             if getattr(engine, "weights", None):  # the GGUF file llama.cpp serves (a requantized copy: gguf_type)
                 out["weights"] = engine.weights
+            if hasattr(engine, "drafter"):  # llama.cpp: greedy speculative decoding (speculation auto picks per model)
+                out["speculation"] = getattr(engine.drafter, "kind", "off") if engine.drafter is not None else "off"
             adapter = getattr(engine, "adapter", None)
             if adapter:  # a LoRA layout adapter: its file and what it teaches
                 out["adapter"] = {k: v for k, v in adapter.items() if k != "recipe"}

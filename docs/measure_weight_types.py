@@ -4,7 +4,8 @@ sets, interleaved per problem (the order alternates), paired bootstrap of each a
     python docs/measure_weight_types.py iq4_nl,original [LIMIT] [OUT.json]
     python docs/measure_weight_types.py kernels=avx512,kernels=portable [LIMIT] [OUT.json]
 
-An arm is a ``gguf_type`` value or ``FIELD=VALUE`` of ModelConfig. Each arm runs in its own worker process
+An arm is a ``gguf_type`` value or ``FIELD=VALUE[+FIELD=VALUE]`` of ModelConfig, e.g.
+``model=qwen2.5-coder-1.5b+speculation=off`` (docs/latency.md, "The 1.5B in the editor replay"). Each arm runs in its own worker process
 (llama.cpp's libraries load once per process, so kernel sets cannot share one), one problem at a time: the
 arms never run side by side, and each problem's timings are comparable.
 
@@ -26,10 +27,11 @@ def worker(arm: str) -> None:
     from localcoder.eval.humaneval_function import hidden_test, load_problems
     from localcoder.eval.sandbox import run_program
 
-    field, _, value = arm.rpartition("=")
     cfg = Config()
     cfg.model.threads, cfg.completion.jump_prefix_tokens = 2, 0
-    setattr(cfg.model, field or "gguf_type", value)
+    for setting in arm.split("+"):
+        field, _, value = setting.rpartition("=")
+        setattr(cfg.model, field or "gguf_type", value)
     completer = Completer.from_config(cfg, pull=True, progress=False)
     problems = load_problems(None)
     print(json.dumps({"ready": getattr(completer.engine, "weights", {})}), flush=True)

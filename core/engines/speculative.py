@@ -36,6 +36,8 @@ class PromptLookup:
     """Draft by n-gram match: find the latest earlier occurrence of the context's last ``n`` tokens
     (longest ``n`` first, from ``ngram_max`` down to ``ngram_min``) and propose what followed it."""
 
+    kind = "lookup"  # /health's ``speculation``
+
     def __init__(self, k: int = 8, ngram_max: int = 4, ngram_min: int = 2) -> None:
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError("need 1 <= ngram_min <= ngram_max")
@@ -57,6 +59,8 @@ class PromptLookup:
 
 class DraftModel:
     """Draft with a smaller engine that shares the target's tokenizer (greedy, its own token-exact cache)."""
+
+    kind = "draft"  # /health's ``speculation``
 
     def __init__(self, engine, k: int = 4) -> None:
         self.engine, self.k = engine, k

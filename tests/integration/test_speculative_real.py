@@ -137,3 +137,27 @@ def test_cancel_during_speculative_decoding_stops_at_once(engines, prompts, plai
     out, t = generate(eng, prompts["repetitive"])  # the slot still serves the prompt (its cells are right)
     assert t.evaluated_n == 1
     assert_same_greedy(out, plain["repetitive"], prompts["repetitive"], engines["off"], max_tokens=MAX_TOKENS)
+
+
+
+def test_health_says_which_speculation_serves(engines):
+    """/health's ``speculation``: what the engine drafts with (``auto``, the default, is off unless a draft
+    model is named)."""
+    import asyncio
+
+    from localcoder.client import InProcessClient
+
+    async def health(eng):
+        client = InProcessClient(Completer(eng))  # given a Completer, closing it leaves the engine loaded
+        try:
+            await client.wait_ready(5)
+            return (await client.health())["speculation"]
+        finally:
+            await client.close()
+
+    assert [asyncio.run(health(engines[s])) for s in ("off", "lookup", "draft")] == ["off", "lookup", "draft"]
+    auto = engine_for("auto")
+    try:
+        assert auto.drafter is None and asyncio.run(health(auto)) == "off"
+    finally:
+        auto.close()
