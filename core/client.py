@@ -283,7 +283,7 @@ class InProcessClient:
                 out["fim_order"] = None
             if getattr(engine, "weights", None):  # the GGUF file llama.cpp serves (a requantized copy: gguf_type)
                 out["weights"] = engine.weights
-            if hasattr(engine, "drafter"):  # llama.cpp: greedy speculative decoding (speculation auto picks per model)
+            if hasattr(engine, "drafter"):  # llama.cpp's greedy speculative decoding (--speculation)
                 out["speculation"] = getattr(engine.drafter, "kind", "off") if engine.drafter is not None else "off"
             adapter = getattr(engine, "adapter", None)
             if adapter:  # a LoRA layout adapter: its file and what it teaches

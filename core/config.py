@@ -99,8 +99,9 @@ class CompletionConfig:
     typed_through: bool = field(default=True, metadata={
         "help": "when the user types the start of the last suggestion, answer with the rest of it without the model"})
     string_scope: bool = field(default=False, metadata={
-        "help": "inside a docstring or block comment, end a multi-line completion with the line that closes it "
-                "(off by default: it cost ES on held-out docstring cases, docs/latency.md \"The tail of a keystroke\")"})
+        "help": "inside a docstring or block comment, end a multi-line completion with the line that closes "
+                "it (off by default: it cost ES on held-out docstring cases; docs/latency.md, the tail of a "
+                "keystroke)"})
 
 
 @dataclass

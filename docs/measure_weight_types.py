@@ -5,9 +5,9 @@ sets, interleaved per problem (the order alternates), paired bootstrap of each a
     python docs/measure_weight_types.py kernels=avx512,kernels=portable [LIMIT] [OUT.json]
 
 An arm is a ``gguf_type`` value or ``FIELD=VALUE[+FIELD=VALUE]`` of ModelConfig, e.g.
-``model=qwen2.5-coder-1.5b+speculation=off`` (docs/latency.md, "The 1.5B in the editor replay"). Each arm runs in its own worker process
-(llama.cpp's libraries load once per process, so kernel sets cannot share one), one problem at a time: the
-arms never run side by side, and each problem's timings are comparable.
+``model=qwen2.5-coder-1.5b+speculation=off`` (docs/latency.md, "The 1.5B in the editor replay"). Each arm
+runs in its own worker process (llama.cpp's libraries load once per process, so kernel sets cannot share
+one), one problem at a time: the arms never run side by side, and each problem's timings are comparable.
 
 docs/latency.md, "The weight type served": IQ4_NL 0.341 vs the shipped weights 0.439 on all 164;
 "What the portable build costs": the AVX-512 kernels against the portable ones.

@@ -139,7 +139,6 @@ def test_cancel_during_speculative_decoding_stops_at_once(engines, prompts, plai
     assert_same_greedy(out, plain["repetitive"], prompts["repetitive"], engines["off"], max_tokens=MAX_TOKENS)
 
 
-
 def test_health_says_which_speculation_serves(engines):
     """/health's ``speculation``: what the engine drafts with (``auto``, the default, is off unless a draft
     model is named)."""
