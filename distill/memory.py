@@ -4,6 +4,7 @@ run that cannot fit is refused with advice instead of being killed half way."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -52,7 +53,10 @@ def check_memory(cfg: DistillConfig, need_gb: float, device: str) -> None:
 
 def check_fits(cfg: DistillConfig, teacher, student, *, world: int, sharded: bool, device: str) -> float:
     """Estimate this run's per-process peak from the two models and refuse it if it does not fit;
-    returns the estimate (GiB per process)."""
+    returns the estimate (GiB per process). A micro-batch that is too large is first split: the batch
+    halves and --grad-accum doubles (``cfg`` is changed, and says so), which reads the same rows per step
+    and averages the same loss over the same tokens, so the run computes the same update, only in more
+    forwards (the layout preset's batch of two 1,024-token rows does not fit the 1.5B in 24 GB)."""
     from localcoder.distill.students import count_params
 
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -61,13 +65,30 @@ def check_fits(cfg: DistillConfig, teacher, student, *, world: int, sharded: boo
     # with cached targets the teacher is freed before training: the peak is the larger of its top-k pass
     # (both models' weights and one row's logits) and the training steps without it
     resident = cfg.teacher_mode == "online" or cfg.onpolicy_steps > 0
-    need = estimate_memory_gb(cfg, t_params, s_params, trainable, c.hidden_size, c.vocab_size, c.num_hidden_layers,
-                              teacher_resident=resident, world=world, sharded=sharded)
-    if not resident:
-        need = max(need, (4 * (t_params + s_params) / (world if sharded else 1)
-                          + 4 * 3 * cfg.seq_len * c.vocab_size) / 2**30 * 1.15)
     # on CPU every local rank shares this host's memory; on CUDA each has its own device
-    check_memory(cfg, need * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1), device)
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1
+
+    def need_gb() -> float:
+        need = estimate_memory_gb(cfg, t_params, s_params, trainable, c.hidden_size, c.vocab_size,
+                                  c.num_hidden_layers, teacher_resident=resident, world=world, sharded=sharded)
+        if not resident:
+            need = max(need, (4 * (t_params + s_params) / (world if sharded else 1)
+                              + 4 * 3 * cfg.seq_len * c.vocab_size) / 2**30 * 1.15)
+        return need
+
+    need, have = need_gb(), cfg.memory_limit_gb or available_memory_gb(device)
+    before = (cfg.batch_size, cfg.grad_accum, need)
+    while need * procs > 0.9 * have and cfg.batch_size % (2 * world) == 0:
+        cfg.batch_size, cfg.grad_accum = cfg.batch_size // 2, cfg.grad_accum * 2
+        if (smaller := need_gb()) >= need:  # the micro-batch is not what is too large: undo, refuse below
+            cfg.batch_size, cfg.grad_accum = cfg.batch_size * 2, cfg.grad_accum // 2
+            break
+        need = smaller
+    if cfg.batch_size != before[0]:
+        print(f"memory: a batch of {before[0]} needs about {before[2]:.1f} GiB of the {have:.1f} available; "
+              f"running --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} instead (the same rows "
+              "and the same update per step)", file=sys.stderr, flush=True)
+    check_memory(cfg, need * procs, device)
     return need
 
 

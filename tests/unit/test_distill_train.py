@@ -157,6 +157,29 @@ def test_memory_estimate_refuses_with_advice(tiny_qwen_dir, corpus, tmp_path, ca
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
+def test_a_batch_too_large_for_memory_is_split_into_accumulation_steps(tiny_qwen_dir, capsys):
+    """The memory check halves the micro-batch and doubles --grad-accum (the same rows, the same update per
+    step) before it refuses; a run that does not fit even one row at a time is still refused."""
+    from localcoder.distill.config import DistillConfig
+    from localcoder.distill.memory import check_fits
+    from localcoder.distill.students import load_causal_lm
+    from localcoder.errors import InvalidRequest
+
+    model = load_causal_lm(tiny_qwen_dir)[0]
+
+    def need(batch, limit=1e6):
+        cfg = DistillConfig(batch_size=batch, grad_accum=1, seq_len=256, teacher_mode="cached", memory_limit_gb=limit)
+        return cfg, check_fits(cfg, model, model, world=1, sharded=False, device="cpu")
+
+    one, four = need(1)[1], need(4)[1]
+    assert one < need(2)[1] < four
+    cfg, got = need(4, limit=one / 0.85)  # one row per forward fits, two do not
+    assert (cfg.batch_size, cfg.grad_accum, got) == (1, 4, one)
+    assert "running --batch-size 1 --grad-accum 4 instead" in capsys.readouterr().err
+    with pytest.raises(InvalidRequest, match="refusing to start"):
+        need(4, limit=one / 2)
+
+
 def test_corrupt_checkpoint_falls_back_then_refuses_and_keeps_files(tiny_qwen_dir, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     argv = flags(tiny_qwen_dir, corpus, out, tmp_path / "cache", steps=4, **{"keep-checkpoints": 2})
