@@ -25,6 +25,10 @@ from localcoder.errors import InvalidRequest
 # (forward + backward; LoRA: the base is frozen but its activations' gradients still flow).
 FORWARD_TOK_S_PER_B = 280.0  # the 1.5B teacher (1.78B with its head): ~157 tok/s (measured 144-167)
 TRAIN_TOK_S_PER_B = 85.0  # the 0.5B (0.64B) + LoRA at 2 x 1,024 tokens: ~133 tok/s (measured 124-140)
+# The same on a CPU without native bf16, where the run stays fp32: a 2-core AMD EPYC (Zen 3, AVX2), 2026-12-06
+# (1,024-token rows; the 1.5B's teacher pass 37 tok/s, the 0.5B + LoRA training 33 tok/s): ~4x slower.
+FORWARD_TOK_S_PER_B_FP32 = 68.0
+TRAIN_TOK_S_PER_B_FP32 = 21.0
 CONVERT_S_PER_B = 90.0  # GGUF -> fp32 safetensors, once per model (cached)
 EXPORT_S_PER_B = 60.0  # merge + save safetensors + per GGUF type: write f16, quantize
 GATE_S_PER_CASE = 4.5  # one gate FIM case on one artifact (source fp32 torch ~3.5 s, each GGUF ~5 s)
@@ -51,19 +55,22 @@ class Estimate:
 def estimate(cfg: DistillConfig, *, rows: int, teacher_params: float, student_params: float,
              converted: tuple[bool, bool] = (True, True), gate_cases: int = 0) -> Estimate:
     """Minutes per stage, disk (everything the run writes) and peak memory for ``rows`` training rows."""
-    from localcoder.distill.memory import estimate_memory_gb
+    from localcoder.distill.memory import estimate_memory_gb, native_bf16
 
+    bf16 = cfg.autocast != "off" and native_bf16()  # CUDA runs finish far earlier than either CPU class
+    forward_rate = FORWARD_TOK_S_PER_B if bf16 else FORWARD_TOK_S_PER_B_FP32
+    train_rate = TRAIN_TOK_S_PER_B if bf16 else TRAIN_TOK_S_PER_B_FP32
     tb, sb = teacher_params / 1e9, student_params / 1e9
     n_val = cfg.val_rows
     teacher_rows = min(rows, cfg.steps * cfg.batch_size * cfg.grad_accum) if cfg.loss != "ce" else 0
     train_tokens = cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    train_min = train_tokens / (TRAIN_TOK_S_PER_B / max(sb, 1e-3)) / 60
+    train_min = train_tokens / (train_rate / max(sb, 1e-3)) / 60
     if cfg.max_minutes:
         train_min = min(train_min, cfg.max_minutes)
     minutes = {
         "convert": ((0 if converted[0] else tb) + (0 if converted[1] else sb)) * CONVERT_S_PER_B / 60,
         "data": 0.5,
-        "teacher": (teacher_rows + n_val) * cfg.seq_len / (FORWARD_TOK_S_PER_B / max(tb, 1e-3)) / 60,
+        "teacher": (teacher_rows + n_val) * cfg.seq_len / (forward_rate / max(tb, 1e-3)) / 60,
         "train": train_min,
         "export": sb * EXPORT_S_PER_B / 60,  # merged safetensors (+ the LoRA as a GGUF adapter)
         # each GGUF type: written, quantized, gated (the source's cases once, then each artifact's)

@@ -76,7 +76,10 @@ def test_init_adapter_auto_is_the_one_shipped_for_the_student():
         adapter_path("/nonexistent/adapter.gguf", "x")
 
 
-def test_the_estimate_adds_up_what_the_preset_will_do():
+def test_the_estimate_adds_up_what_the_preset_will_do(monkeypatch):
+    from localcoder.distill import memory
+
+    monkeypatch.setattr(memory, "native_bf16", lambda: True)  # the CPU class the budget was measured on
     cfg = load("adapt", None, {"data": ["/src"]})
     est = estimate(cfg, rows=cfg.train_rows, teacher_params=1.78e9, student_params=0.63e9, gate_cases=60)
     rows_read = cfg.steps * cfg.batch_size
@@ -87,6 +90,25 @@ def test_the_estimate_adds_up_what_the_preset_will_do():
                      converted=(False, False), gate_cases=60)
     assert fresh.minutes["convert"] > 0 and fresh.disk_gb > est.disk_gb + 9  # two fp32 conversions
     assert "of the preset's length" in est.describe() and f"{est.total_minutes:.0f} min" in est.describe()
+
+
+def test_the_estimate_knows_a_cpu_without_native_bf16_runs_fp32_and_slower(monkeypatch):
+    """The throughputs differ ~4x between the two CPU classes measured (docs/distill.md): an AVX2-only CPU
+    gets the fp32 rates, and so does `--autocast off` on a bf16 CPU."""
+    from localcoder.distill import memory, plan
+
+    cfg = load("layout", None, {"teacher": "qwen2.5-coder-1.5b"})
+    sizes = dict(rows=cfg.train_rows, teacher_params=1.78e9, student_params=1.78e9)
+    monkeypatch.setattr(memory, "native_bf16", lambda: True)
+    bf16 = estimate(cfg, **sizes)
+    off = estimate(load("layout", None, {"teacher": "qwen2.5-coder-1.5b", "autocast": "off"}), **sizes)
+    monkeypatch.setattr(memory, "native_bf16", lambda: False)
+    fp32 = estimate(cfg, **sizes)
+    assert off.minutes == fp32.minutes
+    for stage, ratio in (("teacher", plan.FORWARD_TOK_S_PER_B / plan.FORWARD_TOK_S_PER_B_FP32),
+                         ("train", plan.TRAIN_TOK_S_PER_B / plan.TRAIN_TOK_S_PER_B_FP32)):
+        assert fp32.minutes[stage] == pytest.approx(bf16.minutes[stage] * ratio, rel=0.05)
+    assert fp32.total_minutes > 120  # the 1.5B's layout adapter is a run of hours on 2 AVX2 cores
 
 
 def test_a_run_that_cannot_fit_on_disk_is_refused_before_it_writes(tmp_path):
