@@ -141,6 +141,32 @@ async def test_a_real_request_preempts_a_running_background_prefill():
         await client.close()
 
 
+async def test_a_jump_window_answer_is_posted_with_its_full_window_prefill_already_queued():
+    """After a cursor jump the answer comes from the small window and the full one is prefilled in the
+    background. That prefill is queued before the answer is posted, so anyone who has the answer also sees
+    it in ``background`` (/health): the bench waits on it before timing another server on the same cores."""
+    engine = FakeEngine(completion="ok\n", token_delay_s=0.0)
+    engine.cached_prefix = lambda tokens, adapter=None: 0  # nothing cached anywhere: every request is a jump
+    client = InProcessClient(Completer(engine, jump=Budget(8, 4, 0)))
+    seen: list[tuple[bool, int]] = []
+    finish = client._finish_locked
+
+    def finishing(job, event):
+        seen.append((job.background, client.background))
+        finish(job, event)
+
+    client._finish_locked = finishing
+    try:
+        result = await complete(client, InfillRequest(LONG, "tail " * 40, max_tokens=8), key="doc")
+        assert result.timings.window == "jump" and result.prompt_tokens < 20
+        assert seen[0] == (False, 1)  # the answer left with the full window's prefill queued
+        generated = engine.tokens_generated_total
+        await wait_for(lambda: client.stats.prefills == 1 and client.background == 0)
+        assert engine.tokens_generated_total == generated  # the prefill generated nothing
+    finally:
+        await client.close()
+
+
 async def test_loading_in_the_background_then_ready_or_failed():
     engine = FakeEngine(completion="ok\n")
     gate = asyncio.Event()
