@@ -27,6 +27,7 @@ else in-process over ``Completer.from_config(cfg)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -128,11 +129,6 @@ async def complete(client: EngineClient, request: InfillRequest, key: str | None
 
 def cancelled_result(req: InfillRequest) -> CompletionResult:
     return CompletionResult("", "cancelled", req.mode, Timings(cancelled=True), False, 0)
-
-
-def warm_up(req: InfillRequest) -> InfillRequest:
-    """``req`` as a prefill only: its prompt evaluated into the cache, nothing generated."""
-    return InfillRequest(**{**req.__dict__, "max_tokens": 0})
 
 
 # ---- in-process ----------------------------------------------------------------------------------
@@ -251,7 +247,8 @@ class InProcessClient:
 
     def prefill(self, request: InfillRequest, key: str | None = None) -> None:
         """Warm the cache for ``request``'s prompt when nothing else waits; never delays a real request."""
-        self._submit(warm_up(request), key, None, background=True)
+        warm = InfillRequest(**{**request.__dict__, "max_tokens": 0})
+        self._submit(warm, key, None, background=True)
 
     def forget(self, path: str | None, repo: str | None = None, key: str | None = None) -> None:
         completer = self.completer
@@ -428,9 +425,10 @@ class InProcessClient:
                 if event.result is not None and event.result.timings.window == "jump" and not self._stopping:
                     # answered from the small window after a jump: warm the full one when the engine is idle.
                     # Queued before the answer is posted, so whoever sees the answer also sees the prefill
-                    # (``background`` in /health: the bench waits for it before timing another server).
-                    self._queue_background_locked(Job(warm_up(job.request), f"{job.key}#window", None,
-                                                      background=True, id=next(self._ids)))
+                    # (``background`` in /health: the bench waits for it before timing another server; the
+                    # condition's lock is reentrant).
+                    with contextlib.suppress(LocalcoderError):  # the answer is posted whatever happens here
+                        self.prefill(job.request, f"{job.key}#window")
                 self._finish_locked(job, event)
 
     def _run(self, job: Job) -> _Event:

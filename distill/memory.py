@@ -77,15 +77,15 @@ def check_fits(cfg: DistillConfig, teacher, student, *, world: int, sharded: boo
         return need
 
     need, have = need_gb(), cfg.memory_limit_gb or available_memory_gb(device)
-    before = (cfg.batch_size, cfg.grad_accum, need)
+    batch, too_much = cfg.batch_size, need
     while need * procs > 0.9 * have and cfg.batch_size % (2 * world) == 0:
         cfg.batch_size, cfg.grad_accum = cfg.batch_size // 2, cfg.grad_accum * 2
         if (smaller := need_gb()) >= need:  # the micro-batch is not what is too large: undo, refuse below
             cfg.batch_size, cfg.grad_accum = cfg.batch_size * 2, cfg.grad_accum // 2
             break
         need = smaller
-    if cfg.batch_size != before[0]:
-        print(f"memory: a batch of {before[0]} needs about {before[2]:.1f} GiB of the {have:.1f} available; "
+    if cfg.batch_size != batch:
+        print(f"memory: a batch of {batch} needs about {too_much:.1f} GiB of the {have:.1f} available; "
               f"running --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} instead (the same rows "
               "and the same update per step)", file=sys.stderr, flush=True)
     check_memory(cfg, need * procs, device)
