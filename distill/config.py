@@ -68,6 +68,10 @@ class DistillConfig:
     # ---- optimisation
     steps: int = 300
     max_minutes: float = 0.0  # >0: wall-clock budget of the training loop (the schedule follows it)
+    # >0: the whole run's budget in minutes (teacher pass, training, export, gated publish). Where the plan's
+    # estimate for this CPU class is longer, the run reads fewer rows (teacher pass and training shrink together)
+    # and says so before it starts; 0 = the schedule as given, however long it takes
+    budget_minutes: float = 0.0
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
@@ -117,6 +121,8 @@ class DistillConfig:
             bad("alpha", f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             bad("temperature", f"temperature must be > 0, got {self.temperature}")
+        if self.budget_minutes < 0 or self.max_minutes < 0:
+            bad("budget_minutes" if self.budget_minutes < 0 else "max_minutes", "minutes must be >= 0 (0 = no limit)")
         if self.student_layers < 1:
             bad("student_layers", f"--student-layers must be >= 1, got {self.student_layers}")
         if self.autocast not in ("auto", "bf16", "off"):
@@ -172,12 +178,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # on the user's files (split by file; the held-out ones gate and evaluate it). The LoRA starts from the
     # shipped layout adapter (the 0.5B already reads `spm`), so the steps go to the repository. The merged model
     # is quantized to GGUF q8_0 and q4_k_m through the quality gate and registered: `make serve MODEL=<name>`.
-    # Budget: <= 90 min end to end on a 2-core laptop (docs/distill.md, "adapt").
+    # Budget: <= 90 min end to end on a 2-core laptop (docs/distill.md, "adapt"); on a slower CPU class (no
+    # native bf16: ~4x slower) the plan reads fewer rows to keep it, and says so (`--budget-minutes 0`: all of them).
     "adapt": dict(teacher="qwen2.5-coder-1.5b", student="qwen2.5-coder-0.5b", init_adapter="auto", lora_rank=16,
                   fim_order="spm", teacher_order="psm", fim_rate=1.0,
                   span_kinds=["cursor", "cursor", "line", "block", "char"], loss="fkl", alpha=0.1,
                   loss_positions="all", teacher_mode="cached", top_k=32, seq_len=1024, batch_size=2,
-                  train_rows=192, min_train_rows=16, steps=96, max_minutes=30, lr=2e-4, warmup_steps=4, val_every=16, val_rows=8,
+                  train_rows=192, min_train_rows=16, steps=96, max_minutes=30, budget_minutes=90, lr=2e-4,
+                  warmup_steps=4, val_every=16, val_rows=8,
                   ckpt_every=8, export_gguf=["adapter", "q8_0", "q4_k_m"]),
     # a draft for speculative decoding (`localcoder distill --preset draft --data ~/src/myrepo`): 6 of the 0.5B's
     # 24 blocks (chosen by importance) learn the served 1.5B's next-token distribution (forward KL on its cached

@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from localcoder.distill.config import DistillConfig
@@ -102,11 +102,61 @@ def plan(cfg: DistillConfig, out: Path, cache_dir: Path, *, main: bool = True) -
     sp, blocks, layers, s_ok = param_count(cfg.student or cfg.prune_from or cfg.teacher)
     if not cfg.student and layers:  # a pruned student keeps --student-layers of the blocks (embeddings, head stay)
         sp = int(sp - blocks * (1 - min(cfg.student_layers, layers) / layers))
-    est = estimate(cfg, rows=cfg.train_rows or 400, teacher_params=tp, student_params=sp, converted=(t_ok, s_ok),
-                   gate_cases=GATE_HELDOUT + GATE_HUMANEVAL)
+    sizes = dict(teacher_params=tp, student_params=sp, converted=(t_ok, s_ok), gate_cases=GATE_HELDOUT + GATE_HUMANEVAL)
+    est = estimate(cfg, rows=cfg.train_rows or 400, **sizes)
+    est = fit_schedule(cfg, est, **sizes)
     say(est.describe())
     check_disk(est, out, cache_dir)
     return Stages(out, est)
+
+
+def fit_schedule(cfg: DistillConfig, est: Estimate, **sizes) -> Estimate:
+    """Fit the schedule to this CPU class before anything runs (``cfg.steps``, ``train_rows``, ``max_minutes``
+    change in place) and return the new estimate. Two rules, each said when it applies:
+
+    - the training's time cap (``max_minutes``) reaches fewer steps than ``steps``: the teacher pass computes
+      targets for the rows those steps read, not for rows no step would reach;
+    - the whole run is still over ``budget_minutes``: drop steps (each one's rows: their teacher pass and their
+      training) until it fits. Conversion, export, the gated publish and the validation rows stay.
+    A CPU on which the schedule already fits is left alone."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    rows_before, steps_before = min(cfg.train_rows or 400, cfg.steps * per_step), cfg.steps
+
+    def with_steps(n: int, cap: float = 0.0) -> Estimate:
+        return estimate(replace(cfg, train_rows=n * per_step, steps=n, max_minutes=cap), rows=n * per_step, **sizes)
+
+    one, two = with_steps(1), with_steps(2)
+    step_min = two.total_minutes - one.total_minutes  # a step's rows: their teacher pass + their training
+    step_train = two.minutes["train"] - one.minutes["train"]
+    fixed = one.total_minutes - step_min
+    steps, said = cfg.steps, []
+    if cfg.max_minutes and step_train > 0 and cfg.max_minutes / step_train < steps:
+        steps = max(1, int(cfg.max_minutes / step_train))
+        said.append(f"the training's {cfg.max_minutes:.0f}-minute cap reaches about {steps} of {cfg.steps} steps on "
+                    f"this CPU, so the teacher pass covers their {steps * per_step} rows only")
+    floor = max(1, -(-cfg.min_train_rows // per_step))  # the fewest steps that read the preset's minimum rows
+    short = False
+    if cfg.budget_minutes and fixed + steps * step_min > cfg.budget_minutes:
+        fit = int((cfg.budget_minutes - fixed) / step_min) if step_min > 0 else steps
+        short = fit < floor
+        steps = max(floor, min(fit, steps))
+        said.append(f"the whole run is over the {cfg.budget_minutes:.0f}-minute budget at this CPU's speed; it reads "
+                    f"{steps * per_step} rows in {steps} steps instead (less adaptation; --budget-minutes 0 keeps "
+                    f"the full schedule)")
+    if steps == cfg.steps:
+        return est
+    cfg.steps, cfg.train_rows = steps, steps * per_step
+    cap = with_steps(steps).minutes["train"] * 1.1  # a 10% margin: the steps end the schedule, not the clock
+    cfg.max_minutes = round(min(cfg.max_minutes, cap) if cfg.max_minutes else cap, 1)
+    new = estimate(cfg, rows=cfg.train_rows, **sizes)
+    added = [f"schedule: {rows_before} rows in {steps_before} steps would take about {est.total_minutes:.0f} min "
+             "here; " + "; ".join(said)]
+    if short:
+        added.append(f"budget not met: even the fewest rows ({cfg.train_rows}) take {new.total_minutes:.0f} min")
+    for note in added:
+        say(note)
+    new.notes += added
+    return new
 
 
 def check_disk(est: Estimate, out: Path, cache_dir: Path) -> None:

@@ -111,6 +111,46 @@ def test_the_estimate_knows_a_cpu_without_native_bf16_runs_fp32_and_slower(monke
     assert fp32.total_minutes > 120  # the 1.5B's layout adapter is a run of hours on 2 AVX2 cores
 
 
+def test_on_a_slower_cpu_the_schedule_fits_the_training_cap_and_the_budget(monkeypatch, capsys):
+    """On the fp32 CPU class (~4x slower) the adapt preset's 30-minute training cap reaches about a third of
+    its 96 steps: the teacher pass must not compute targets for rows no step reads, and the whole run must
+    keep the preset's 90 minutes. A CPU on which the schedule fits is left alone."""
+    from localcoder.distill import memory
+    from localcoder.distill.plan import fit_schedule
+
+    sizes = dict(teacher_params=1.78e9, student_params=0.63e9, gate_cases=60)
+    monkeypatch.setattr(memory, "native_bf16", lambda: True)
+    cfg = load("adapt", None, {"data": ["/src"]})
+    est = estimate(cfg, rows=cfg.train_rows, **sizes)
+    assert fit_schedule(cfg, est, **sizes) is est and (cfg.steps, cfg.train_rows, cfg.max_minutes) == (96, 192, 30)
+
+    monkeypatch.setattr(memory, "native_bf16", lambda: False)
+    full = estimate(cfg, rows=cfg.train_rows, **sizes)
+    assert full.total_minutes > cfg.budget_minutes == 90 and full.minutes["train"] == 30  # the cap binds
+    fitted = fit_schedule(cfg, full, **sizes)
+    assert 8 <= cfg.steps < 96 and cfg.train_rows == cfg.steps * cfg.batch_size
+    assert fitted.total_minutes <= 90 and fitted.minutes["publish"] == full.minutes["publish"]
+    assert fitted.minutes["teacher"] < full.minutes["teacher"] / 2  # no targets for rows no step reads
+    assert fitted.minutes["train"] <= cfg.max_minutes <= 30
+    assert "cap reaches about" in capsys.readouterr().err and "schedule:" in fitted.notes[-1]
+
+    # a tighter budget drops steps (rows) further; one step more would not have fitted
+    tight = load("adapt", None, {"budget_minutes": 60})
+    fitted = fit_schedule(tight, estimate(tight, rows=192, **sizes), **sizes)
+    assert fitted.total_minutes <= 60 and tight.steps < cfg.steps
+    more = load("adapt", None, {"steps": tight.steps + 1, "train_rows": tight.train_rows + 2, "budget_minutes": 0})
+    assert estimate(more, rows=192, **sizes).total_minutes > 60
+    assert "--budget-minutes 0" in capsys.readouterr().err
+    # a budget even the fewest rows cannot meet runs the fewest rows and says it is not met
+    tiny = load("adapt", None, {"budget_minutes": 10})
+    late = fit_schedule(tiny, estimate(tiny, rows=192, **sizes), **sizes)
+    assert tiny.train_rows == tiny.min_train_rows and late.total_minutes > 10
+    assert "budget not met" in late.notes[-1]
+    with pytest.raises(InvalidRequest, match="minutes must be >= 0") as err:
+        load("adapt", None, {"budget_minutes": -1})
+    assert err.value.param == "budget_minutes"
+
+
 def test_a_run_that_cannot_fit_on_disk_is_refused_before_it_writes(tmp_path):
     est = Estimate({"train": 1.0}, disk_gb=10**6, peak_memory_gb=1.0, rows=1)
     with pytest.raises(InvalidRequest, match="not enough disk") as err:
