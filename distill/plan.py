@@ -52,14 +52,22 @@ class Estimate:
                 f"peak memory {self.peak_memory_gb:.1f} GB, {self.rows} training rows of the preset's length")
 
 
-def estimate(cfg: DistillConfig, *, rows: int, teacher_params: float, student_params: float,
-             converted: tuple[bool, bool] = (True, True), gate_cases: int = 0) -> Estimate:
-    """Minutes per stage, disk (everything the run writes) and peak memory for ``rows`` training rows."""
-    from localcoder.distill.memory import estimate_memory_gb, native_bf16
+def rates(cfg: DistillConfig) -> tuple[float, float]:
+    """(teacher forward, training step) tokens/s per billion parameters assumed for this CPU class."""
+    from localcoder.distill.memory import native_bf16
 
     bf16 = cfg.autocast != "off" and native_bf16()  # CUDA runs finish far earlier than either CPU class
-    forward_rate = FORWARD_TOK_S_PER_B if bf16 else FORWARD_TOK_S_PER_B_FP32
-    train_rate = TRAIN_TOK_S_PER_B if bf16 else TRAIN_TOK_S_PER_B_FP32
+    return (FORWARD_TOK_S_PER_B, TRAIN_TOK_S_PER_B) if bf16 else (FORWARD_TOK_S_PER_B_FP32, TRAIN_TOK_S_PER_B_FP32)
+
+
+def estimate(cfg: DistillConfig, *, rows: int, teacher_params: float, student_params: float,
+             converted: tuple[bool, bool] = (True, True), gate_cases: int = 0, speed: float = 1.0) -> Estimate:
+    """Minutes per stage, disk (everything the run writes) and peak memory for ``rows`` training rows.
+    ``speed``: this machine's measured torch throughput as a fraction of the class's assumed one (the teacher
+    pass measures it; training is taken to scale alike: the two rates kept a ~0.3 ratio on every CPU measured)."""
+    from localcoder.distill.memory import estimate_memory_gb
+
+    forward_rate, train_rate = (r * speed for r in rates(cfg))
     tb, sb = teacher_params / 1e9, student_params / 1e9
     n_val = cfg.val_rows
     teacher_rows = min(rows, cfg.steps * cfg.batch_size * cfg.grad_accum) if cfg.loss != "ce" else 0
@@ -103,14 +111,17 @@ def plan(cfg: DistillConfig, out: Path, cache_dir: Path, *, main: bool = True) -
     if not cfg.student and layers:  # a pruned student keeps --student-layers of the blocks (embeddings, head stay)
         sp = int(sp - blocks * (1 - min(cfg.student_layers, layers) / layers))
     sizes = dict(teacher_params=tp, student_params=sp, converted=(t_ok, s_ok), gate_cases=GATE_HELDOUT + GATE_HUMANEVAL)
-    est = estimate(cfg, rows=cfg.train_rows or 400, **sizes)
-    est = fit_schedule(cfg, est, **sizes)
+    speed = Stages.recorded_speed(out)  # a resumed run keeps the schedule its first teacher rows measured
+    est = estimate(cfg, rows=cfg.train_rows or 400, speed=speed, **sizes)
+    est = fit_schedule(cfg, est, speed=speed, **sizes)
     say(est.describe())
     check_disk(est, out, cache_dir)
-    return Stages(out, est)
+    stages = Stages(out, est)
+    stages.sizes = sizes
+    return stages
 
 
-def fit_schedule(cfg: DistillConfig, est: Estimate, **sizes) -> Estimate:
+def fit_schedule(cfg: DistillConfig, est: Estimate, *, speed: float = 1.0, **sizes) -> Estimate:
     """Fit the schedule to this CPU class before anything runs (``cfg.steps``, ``train_rows``, ``max_minutes``
     change in place) and return the new estimate. Two rules, each said when it applies:
 
@@ -123,7 +134,8 @@ def fit_schedule(cfg: DistillConfig, est: Estimate, **sizes) -> Estimate:
     rows_before, steps_before = min(cfg.train_rows or 400, cfg.steps * per_step), cfg.steps
 
     def with_steps(n: int, cap: float = 0.0) -> Estimate:
-        return estimate(replace(cfg, train_rows=n * per_step, steps=n, max_minutes=cap), rows=n * per_step, **sizes)
+        return estimate(replace(cfg, train_rows=n * per_step, steps=n, max_minutes=cap), rows=n * per_step,
+                        speed=speed, **sizes)
 
     one, two = with_steps(1), with_steps(2)
     step_min = two.total_minutes - one.total_minutes  # a step's rows: their teacher pass + their training
@@ -148,7 +160,7 @@ def fit_schedule(cfg: DistillConfig, est: Estimate, **sizes) -> Estimate:
     cfg.steps, cfg.train_rows = steps, steps * per_step
     cap = with_steps(steps).minutes["train"] * 1.1  # a 10% margin: the steps end the schedule, not the clock
     cfg.max_minutes = round(min(cfg.max_minutes, cap) if cfg.max_minutes else cap, 1)
-    new = estimate(cfg, rows=cfg.train_rows, **sizes)
+    new = estimate(cfg, rows=cfg.train_rows, speed=speed, **sizes)
     added = [f"schedule: {rows_before} rows in {steps_before} steps would take about {est.total_minutes:.0f} min "
              "here; " + "; ".join(said)]
     if short:
@@ -187,7 +199,9 @@ class Stages:
 
     def __init__(self, out: Path, est: Estimate | None = None, *, enabled: bool = True):
         self.file, self.enabled = out / "stages.json", enabled
+        self.sizes: dict = {}  # the plan's model sizes (estimate()'s keywords), for a refit once rates are measured
         prior = json.loads(self.file.read_text()) if enabled and self.file.exists() else {}
+        self.speed: float = prior.get("speed", 1.0)  # measured / assumed torch throughput (calibrate)
         self.actual: dict[str, float] = prior.get("actual_minutes", {})
         self.est = est if est is not None else (Estimate(**prior["estimate"]) if "estimate" in prior else None)
         self.save()
@@ -204,7 +218,7 @@ class Stages:
     def save(self) -> None:
         if not self.enabled:  # other ranks of a distributed run: rank 0 keeps the record
             return
-        data = {"actual_minutes": self.actual, "estimate": asdict(self.est) if self.est else None}
+        data = {"actual_minutes": self.actual, "estimate": asdict(self.est) if self.est else None, "speed": self.speed}
         self.file.parent.mkdir(parents=True, exist_ok=True)
         self.file.write_text(json.dumps(data, indent=1))
 
@@ -219,6 +233,38 @@ class Stages:
         say(f"estimate revised: {name} {old:.0f} -> {self.est.minutes[name]:.0f} min ({why}); "
             f"total now {self.est.total_minutes:.0f} min")
         self.save()
+
+    @staticmethod
+    def recorded_speed(out: Path) -> float:
+        try:
+            return float(json.loads((out / "stages.json").read_text()).get("speed", 1.0))
+        except (OSError, ValueError, AttributeError):
+            return 1.0
+
+    def calibrate(self, cfg: DistillConfig, rows: int, seconds: float) -> bool:
+        """The teacher pass's first ``rows`` took ``seconds`` on this machine. Where that is clearly slower than
+        the class's rates assumed (a CPU of the same class can be ~2x slower: no AMX, fewer GHz), refit the
+        schedule at the measured speed so ``budget_minutes`` still holds, replace the estimate of the stages
+        still to come, and say so. True when the schedule changed (the rows the teacher must cover shrank)."""
+        if not (self.enabled and self.est and self.sizes and cfg.budget_minutes and rows >= 2 and seconds > 0):
+            return False
+        planned = rows * cfg.seq_len / (rates(cfg)[0] / (self.sizes["teacher_params"] / 1e9))
+        speed = planned / seconds
+        if speed >= 0.9:  # as planned (or faster: the plan's rows stay, the run ends early)
+            return False
+        steps = cfg.steps
+        note = (f"measured: the teacher's first {rows} rows took {seconds / rows:.1f} s a row, {1 / speed:.1f}x the "
+                f"{planned / rows:.1f} s planned for this CPU class")
+        say(note)
+        self.speed = speed
+        new = fit_schedule(cfg, estimate(cfg, rows=cfg.train_rows, speed=speed, **self.sizes), speed=speed,
+                           **self.sizes)
+        done = {k: v for k, v in self.est.minutes.items() if k in ("convert", "data")}  # stages already run
+        self.est = Estimate(new.minutes | done, new.disk_gb, new.peak_memory_gb, new.rows,
+                            self.est.notes + [note] + [n for n in new.notes if n not in self.est.notes])
+        say(f"estimate revised: {self.est.describe().removeprefix('estimate: ')}")
+        self.save()
+        return cfg.steps != steps
 
     def compare(self) -> str:
         """A table of estimate vs actual minutes per stage."""

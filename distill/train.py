@@ -445,15 +445,24 @@ def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool, stages: Stages
 
     kw = dict(lockstep=lockstep, write=dist.main or not lockstep, autocast=run.autocast)
     n = len(data.train)
-    needed = list(range(n)) if cfg.steps * run.per_step >= n or cfg.specialists else sorted(
-        {r for s in range(cfg.steps) for r in rows_for_step(s, n, run.per_step, cfg.seed)})
+
+    def rows_needed() -> list[int]:
+        return list(range(n)) if cfg.steps * run.per_step >= n or cfg.specialists else sorted(
+            {r for s in range(cfg.steps) for r in rows_for_step(s, n, run.per_step, cfg.seed)})
+
+    needed = rows_needed()
     if stages is not None and dist.main:  # the plan could not know what an earlier run already cached
         train_todo = train_cache.missing(needed) if train_cache is not None else []
         rows = (len(needed) if train_cache is not None else 0) + n_val
         todo = len(train_todo) + len(val_cache.missing(range(n_val)))
         if todo < rows:
             stages.revise("teacher", todo / max(1, rows), f"{rows - todo} of {rows} rows already cached")
-    val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
+    t0 = time.perf_counter()
+    computed = val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
+    # the validation rows measured this machine's teacher rate: a run slower than planned refits its schedule to
+    # the budget before the train rows (one process: the ranks of a distributed run would have to agree on it)
+    if stages is not None and dist.world == 1 and stages.calibrate(cfg, computed, time.perf_counter() - t0):
+        needed = rows_needed()
     if train_cache is not None:
         t0 = time.perf_counter()
         done = train_cache.fill(teacher, data.train.teacher_ids, share(train_cache, needed),

@@ -39,6 +39,26 @@ def test_cpu_flags_are_read_from_cpuinfo():
     assert native.cpu_flags("processor: 0\n") == frozenset()
 
 
+ZEN4_CPU = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+flags\t\t: fpu sse sse2 avx avx2 fma f16c bmi2 avx512f avx512dq avx512ifma avx512cd avx512bw avx512vl avx512_bf16 \
+avx512vbmi avx512_vbmi2 avx512_vnni avx512_bitalg avx512_vpopcntdq
+"""
+
+
+def test_an_amd_zen4_without_avx_vnni_runs_the_avx512_set(home, tmp_path):
+    """Zen 4 has AVX-512 VNNI and BF16 but not AVX-VNNI (the 256-bit VEX form): the set must neither require
+    it nor compile it in (a VEX vpdpbusd would be an illegal instruction there)."""
+    pip = tmp_path / "pip-libs"
+    pip.mkdir()
+    folder = fake_build(home)
+    assert "avx_vnni" not in native.cpu_flags(ZEN4_CPU)
+    assert native.choose("auto", native.cpu_flags(ZEN4_CPU), pip) == ("avx512", folder)
+    assert not any("AVX_VNNI" in flag for flag in native.AVX512.cmake_flags)
+
+
 def test_auto_picks_the_avx512_set_only_when_the_cpu_runs_it_and_it_is_built(home, tmp_path):
     pip = tmp_path / "pip-libs"
     pip.mkdir()
