@@ -23,6 +23,8 @@ _HELP = {
     "out": "output directory (checkpoints, model/, report.md, metrics.jsonl)",
     "steps": "optimizer steps (the schedule ends at steps or max-minutes, whichever first)",
     "max_minutes": "wall-clock budget of the training loop in minutes (0 = none)",
+    "budget_minutes": "budget of the whole run in minutes: where this CPU is too slow for the schedule, the run reads "
+                      "fewer rows (said before it starts, refit once the teacher's first rows are timed; 0 = none)",
     "loss": "ce | fkl | rkl | jsd",
     "teacher_mode": "cached (top-k logits on disk, reused) | online",
     "fim_order": "student FIM order: psm | spm (cache-friendly)",

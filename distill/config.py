@@ -121,8 +121,9 @@ class DistillConfig:
             bad("alpha", f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             bad("temperature", f"temperature must be > 0, got {self.temperature}")
-        if self.budget_minutes < 0 or self.max_minutes < 0:
-            bad("budget_minutes" if self.budget_minutes < 0 else "max_minutes", "minutes must be >= 0 (0 = no limit)")
+        for name in ("budget_minutes", "max_minutes"):
+            if getattr(self, name) < 0:
+                bad(name, f"--{name.replace('_', '-')} must be >= 0 minutes (0 = no limit), got {getattr(self, name)}")
         if self.student_layers < 1:
             bad("student_layers", f"--student-layers must be >= 1, got {self.student_layers}")
         if self.autocast not in ("auto", "bf16", "off"):

@@ -146,7 +146,7 @@ def test_on_a_slower_cpu_the_schedule_fits_the_training_cap_and_the_budget(monke
     late = fit_schedule(tiny, estimate(tiny, rows=192, **sizes), **sizes)
     assert tiny.train_rows == tiny.min_train_rows and late.total_minutes > 10
     assert "budget not met" in late.notes[-1]
-    with pytest.raises(InvalidRequest, match="minutes must be >= 0") as err:
+    with pytest.raises(InvalidRequest, match="--budget-minutes must be >= 0 minutes") as err:
         load("adapt", None, {"budget_minutes": -1})
     assert err.value.param == "budget_minutes"
 
