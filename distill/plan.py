@@ -131,36 +131,43 @@ def fit_schedule(cfg: DistillConfig, est: Estimate, *, speed: float = 1.0, **siz
       training) until it fits. Conversion, export, the gated publish and the validation rows stay.
     A CPU on which the schedule already fits is left alone."""
     per_step = cfg.batch_size * cfg.grad_accum
-    rows_before, steps_before = min(cfg.train_rows or 400, cfg.steps * per_step), cfg.steps
+    avail = cfg.train_rows or 400  # the rows the plan assumes the corpus gives (as plan() estimates)
+    rows_before, steps_before = min(avail, cfg.steps * per_step), cfg.steps
 
     def with_steps(n: int, cap: float = 0.0) -> Estimate:
         return estimate(replace(cfg, train_rows=n * per_step, steps=n, max_minutes=cap), rows=n * per_step,
                         speed=speed, **sizes)
 
     one, two = with_steps(1), with_steps(2)
-    step_min = two.total_minutes - one.total_minutes  # a step's rows: their teacher pass + their training
-    step_train = two.minutes["train"] - one.minutes["train"]
-    fixed = one.total_minutes - step_min
+    row_teacher = (two.minutes["teacher"] - one.minutes["teacher"]) / per_step  # one row's teacher pass
+    step_train = two.minutes["train"] - one.minutes["train"]  # one step's training
+    fixed = one.total_minutes - row_teacher * per_step - step_train
+
+    def total(n: int) -> float:  # rows past the corpus's are re-read (epochs), not taught again
+        return fixed + row_teacher * min(n * per_step, avail) + step_train * n
+
     steps, said = cfg.steps, []
-    if cfg.max_minutes and step_train > 0 and cfg.max_minutes / step_train < steps:
+    if cfg.max_minutes and step_train > 0 and int(cfg.max_minutes / step_train) * per_step < rows_before:
         steps = max(1, int(cfg.max_minutes / step_train))
         said.append(f"the training's {cfg.max_minutes:.0f}-minute cap reaches about {steps} of {cfg.steps} steps on "
                     f"this CPU, so the teacher pass covers their {steps * per_step} rows only")
     floor = max(1, -(-cfg.min_train_rows // per_step))  # the fewest steps that read the preset's minimum rows
     short = False
-    if cfg.budget_minutes and fixed + steps * step_min > cfg.budget_minutes:
-        fit = int((cfg.budget_minutes - fixed) / step_min) if step_min > 0 else steps
+    if cfg.budget_minutes and total(steps) > cfg.budget_minutes:
+        fit = next((n for n in range(steps, 0, -1) if total(n) <= cfg.budget_minutes), 0)
         short = fit < floor
-        steps = max(floor, min(fit, steps))
+        steps = max(floor, fit)
         said.append(f"the whole run is over the {cfg.budget_minutes:.0f}-minute budget at this CPU's speed; it reads "
-                    f"{steps * per_step} rows in {steps} steps instead (less adaptation; --budget-minutes 0 keeps "
-                    f"the full schedule)")
+                    f"{min(steps * per_step, avail)} rows in {steps} steps instead (less adaptation; "
+                    "--budget-minutes 0 keeps the full schedule)")
     if steps == cfg.steps:
         return est
-    cfg.steps, cfg.train_rows = steps, steps * per_step
+    cfg.steps = steps
+    if steps * per_step < rows_before:
+        cfg.train_rows = steps * per_step
     cap = with_steps(steps).minutes["train"] * 1.1  # a 10% margin: the steps end the schedule, not the clock
     cfg.max_minutes = round(min(cfg.max_minutes, cap) if cfg.max_minutes else cap, 1)
-    new = estimate(cfg, rows=cfg.train_rows, speed=speed, **sizes)
+    new = estimate(cfg, rows=cfg.train_rows or avail, speed=speed, **sizes)
     added = [f"schedule: {rows_before} rows in {steps_before} steps would take about {est.total_minutes:.0f} min "
              "here; " + "; ".join(said)]
     if short:

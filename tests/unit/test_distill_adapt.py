@@ -123,6 +123,12 @@ def test_on_a_slower_cpu_the_schedule_fits_the_training_cap_and_the_budget(monke
     cfg = load("adapt", None, {"data": ["/src"]})
     est = estimate(cfg, rows=cfg.train_rows, **sizes)
     assert fit_schedule(cfg, est, **sizes) is est and (cfg.steps, cfg.train_rows, cfg.max_minutes) == (96, 192, 30)
+    # the draft preset's cap ends its 400 steps early on this class too, but those steps still read all 192 rows
+    # (in epochs): nothing to save, nothing changes
+    draft = load("draft", None, {"data": ["/src"]})
+    small = dict(sizes, student_params=0.36e9)
+    est = estimate(draft, rows=draft.train_rows, **small)
+    assert fit_schedule(draft, est, **small) is est and (draft.steps, draft.train_rows) == (400, 192)
 
     monkeypatch.setattr(memory, "native_bf16", lambda: False)
     full = estimate(cfg, rows=cfg.train_rows, **sizes)
