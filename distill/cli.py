@@ -92,7 +92,9 @@ def publish_ggufs(cfg, result, *, progress: bool) -> int:
     table = stages.compare()
     print(table)
     with open(result.out / "report.md", "a", encoding="utf-8") as fh:
-        fh.write(f"\n## Time: estimate (printed at the start) vs actual\n\n{table}\n")
+        notes = "".join(f"- {note}\n" for note in (stages.est.notes if stages.est else []))
+        fh.write(f"\n## Time: estimate vs actual\n\nThe estimate is the one printed before the run, or its revision "
+                 f"where a note below says so.\n\n{table}\n" + (f"\n{notes}" if notes else ""))
     return 0 if all(p.passed for p in done) else 1
 
 

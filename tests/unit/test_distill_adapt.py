@@ -314,3 +314,20 @@ def test_a_registered_base_plus_adapter_serves_with_it_and_off_drops_it(tmp_path
     m = models.resolve("mine")
     assert models.with_adapter(m, "auto").meta["adapter"] == str(lora)  # served with its adapter by default
     assert "adapter" not in models.with_adapter(m, "off").meta  # --adapter off: the base alone
+
+
+def test_the_report_says_what_the_plan_changed_next_to_the_times(tmp_path, monkeypatch):
+    """report.md's time table keeps the plan's notes (the measured speed, the refit schedule), so a reader
+    sees why the estimate differs from the one a preset prints on a faster CPU."""
+    import types
+
+    from localcoder.distill import cli, publish
+
+    Stages(tmp_path, Estimate({"teacher": 26.4, "train": 28.9}, 1.0, 1.0, 120,
+                              ["measured: the teacher's first 8 rows took 12.4 s a row", "schedule: 60 of 96 steps"]))
+    monkeypatch.setattr(publish, "publish", lambda *a, **k: [])
+    assert cli.publish_ggufs(types.SimpleNamespace(threads=0), types.SimpleNamespace(out=tmp_path, model_dir=tmp_path),
+                             progress=False) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| teacher | 26.4 |" in report and "- measured: the teacher's first 8 rows took 12.4 s a row" in report
+    assert "- schedule: 60 of 96 steps" in report
