@@ -134,8 +134,8 @@ def fit_schedule(cfg: DistillConfig, est: Estimate, *, speed: float = 1.0, **siz
     avail = cfg.train_rows or 400  # the rows the plan assumes the corpus gives (as plan() estimates)
     rows_before, steps_before = min(avail, cfg.steps * per_step), cfg.steps
 
-    def with_steps(n: int, cap: float = 0.0) -> Estimate:
-        return estimate(replace(cfg, train_rows=n * per_step, steps=n, max_minutes=cap), rows=n * per_step,
+    def with_steps(n: int) -> Estimate:  # uncapped: what n steps cost
+        return estimate(replace(cfg, train_rows=n * per_step, steps=n, max_minutes=0), rows=n * per_step,
                         speed=speed, **sizes)
 
     one, two = with_steps(1), with_steps(2)
@@ -165,7 +165,7 @@ def fit_schedule(cfg: DistillConfig, est: Estimate, *, speed: float = 1.0, **siz
     cfg.steps = steps
     if steps * per_step < rows_before:
         cfg.train_rows = steps * per_step
-    cap = with_steps(steps).minutes["train"] * 1.1  # a 10% margin: the steps end the schedule, not the clock
+    cap = step_train * steps * 1.1  # a 10% margin: the steps end the schedule, not the clock
     cfg.max_minutes = round(min(cfg.max_minutes, cap) if cfg.max_minutes else cap, 1)
     new = estimate(cfg, rows=cfg.train_rows or avail, speed=speed, **sizes)
     added = [f"schedule: {rows_before} rows in {steps_before} steps would take about {est.total_minutes:.0f} min "
