@@ -250,10 +250,11 @@ class Stages:
 
     def calibrate(self, cfg: DistillConfig, rows: int, seconds: float) -> bool:
         """The teacher pass's first ``rows`` took ``seconds`` on this machine. Where that is clearly slower than
-        the class's rates assumed (a CPU of the same class can be ~2x slower: no AMX, fewer GHz), refit the
-        schedule at the measured speed so ``budget_minutes`` still holds, replace the estimate of the stages
-        still to come, and say so. True when the schedule changed (the rows the teacher must cover shrank)."""
-        if not (self.enabled and self.est and self.sizes and cfg.budget_minutes and rows >= 2 and seconds > 0):
+        the class's rates assumed (a CPU of the same class can be ~2x slower: no AMX, fewer GHz), replace the
+        estimate of the stages still to come with one at the measured speed and say so (every run: the user
+        sees when it will really end), and refit the schedule where a ``budget_minutes`` or a ``max_minutes``
+        cap binds at that speed. True when the schedule changed (the rows the teacher must cover shrank)."""
+        if not (self.enabled and self.est and self.sizes and rows >= 2 and seconds > 0):
             return False
         planned = rows * cfg.seq_len / (rates(cfg)[0] / (self.sizes["teacher_params"] / 1e9))
         speed = planned / seconds

@@ -184,6 +184,25 @@ def test_a_teacher_slower_than_planned_refits_the_schedule_and_a_resume_keeps_it
     assert (again.steps, again.max_minutes) == (cfg.steps, cfg.max_minutes)
 
 
+def test_a_run_without_a_budget_still_says_when_it_will_end_at_the_measured_speed(monkeypatch, tmp_path, capsys):
+    """The 1.5B's layout adapter on an AMD Zen 4 (2026-12-07): planned 40 min at the bf16 class's rates, the
+    teacher ran 12.2 s a row (6.5 planned), the run took 61. No budget, no cap: the schedule stays, but the
+    estimate printed after the validation rows is the one at the measured speed."""
+    from localcoder.distill import memory
+
+    monkeypatch.setattr(memory, "native_bf16", lambda: True)
+    sizes = dict(teacher_params=1.78e9, student_params=1.78e9, gate_cases=0)
+    cfg = load("layout", None, {"teacher": "qwen2.5-coder-1.5b"})
+    assert not cfg.budget_minutes and not cfg.max_minutes
+    stages = Stages(tmp_path, estimate(cfg, rows=cfg.train_rows, **sizes))
+    stages.sizes = sizes
+    before = stages.est.total_minutes
+    assert not stages.calibrate(cfg, 8, 8 * 12.2) and cfg.steps == 40  # nothing to fit: the same 40 steps
+    assert stages.est.total_minutes > 1.6 * before and stages.est.minutes["teacher"] > 15
+    assert "estimate revised" in capsys.readouterr().err
+    assert Stages.recorded_speed(tmp_path) < 0.6
+
+
 def test_a_run_that_cannot_fit_on_disk_is_refused_before_it_writes(tmp_path):
     est = Estimate({"train": 1.0}, disk_gb=10**6, peak_memory_gb=1.0, rows=1)
     with pytest.raises(InvalidRequest, match="not enough disk") as err:
