@@ -26,6 +26,8 @@ def main(path: str, *more: str) -> Path:
     reports = {}
     for p in (path, *more):
         for name, report in json.loads(Path(p).read_text(encoding="utf-8")).items():
+            if name == "paired":  # the paired differences `localcoder eval` printed, not a report
+                continue
             reports[f"{Path(p).stem}: {name}" if more else name] = report
     names = list(reports)
     metrics = [m for m in METRICS if any(reports[n]["summary"].get(m) is not None for n in names)]

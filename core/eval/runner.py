@@ -89,9 +89,13 @@ def evaluate(completer: Completer, cases: Sequence[FimCase], *, execute: bool = 
     return report
 
 
-def write_reports(reports: Sequence[EvalReport], out: Path) -> None:
+def write_reports(reports: Sequence[EvalReport], out: Path, paired: Sequence[dict] = ()) -> None:
+    """``{report name: summary and rows}``, plus ``paired``: the paired differences and gap shares printed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({r.name: r.to_json() for r in reports}, indent=2), encoding="utf-8")
+    body = {r.name: r.to_json() for r in reports}
+    if paired:
+        body["paired"] = list(paired)
+    out.write_text(json.dumps(body, indent=2), encoding="utf-8")
 
 
 def table(reports: Sequence[EvalReport]) -> str:
@@ -144,6 +148,43 @@ def specialist_table(router, reports: Sequence[EvalReport], png: Path | None = N
         ax.set_ylabel("ES")
         ax.set_title("ES per specialist (cases by the specialist they were routed to)")
         ax.legend(fontsize=7)
+        fig.tight_layout()
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+    return "\n".join(lines)
+
+
+def tradeoff(reports: Sequence[EvalReport], labels: Sequence[str], png: Path | None = None) -> str:
+    """ES against median latency for reports on the same cases (a run and its baselines, e.g. every preset's
+    model beside the stock ones): a table and a scatter plot to ``png``. Only the cases every report ran count
+    (a costly baseline may have run the first N: ``cases=N``), so each point is the same cases. The ES bars
+    are 95% bootstrap intervals of each mean; the paired differences are what to compare models by."""
+    ids = set.intersection(*({row.id for row in r.rows} for r in reports))
+    points = []
+    for r, label in zip(reports, labels):
+        rows = [row for row in r.rows if row.id in ids]
+        es = [row.es for row in rows]
+        _, lo, hi = metrics.paired_bootstrap(es, [0.0] * len(es))
+        points.append((label, statistics.median(row.latency_ms for row in rows), statistics.fmean(es), lo, hi))
+    lines = [f"ES and median latency on the {len(ids)} cases every model ran:", "",
+             "| model | median latency (ms) | ES (95% CI) |", "|---|---:|---|"]
+    lines += [f"| {label} | {ms:.0f} | {es:.3f} ({lo:.3f}..{hi:.3f}) |" for label, ms, es, lo, hi in points]
+    if png is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, ms, es, lo, hi in points:
+            ax.errorbar([ms], [es], yerr=[[es - lo], [hi - es]], fmt="o", capsize=3, label=label[:60])
+            ax.annotate(label[:28], (ms, es), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_xlabel("median latency of a completion (ms; the whole prompt, as in a cold file)")
+        ax.set_ylabel("ES (mean, 95% CI)")
+        ax.set_title(f"{reports[0].name}: ES against latency, the same {len(ids)} cases")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(png, dpi=110)

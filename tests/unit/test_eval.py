@@ -88,6 +88,62 @@ def test_baseline_setting_builds_a_second_completer_and_reports_the_paired_diffe
     assert "ES vs baseline x=y:" in err and "n=4" in err
 
 
+def test_gap_share_is_the_share_of_the_floor_to_ceiling_gap_closed_with_its_interval():
+    low, high = [0.2, 0.4] * 50, [0.6, 0.8] * 50  # a gap of 0.4 on every case
+    share, lo, hi = metrics.gap_share([0.4, 0.6] * 50, low, high)  # +0.2 on every case: half of it
+    assert share == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    share, lo, hi = metrics.gap_share([0.6, 0.4] * 50, low, high)  # +0.4, 0: half, with spread
+    assert share == pytest.approx(0.5) and 0.3 < lo < 0.5 < hi < 0.7
+    assert metrics.gap_share([0.5] * 4, [0.5] * 4, [0.4] * 4) is None  # the ceiling is below: no gap
+    share, lo, hi = metrics.gap_share([0.1, 0.0] * 5, [0.0] * 10, [0.3, -0.25] * 5)  # a gap the cases can't tell from 0
+    assert share > 0 and hi == float("inf")
+    with pytest.raises(ValueError):
+        metrics.gap_share([1.0], [0.0, 1.0], [1.0])
+
+
+def test_two_baselines_report_the_gap_closed_and_a_costly_baseline_runs_on_the_first_cases(capsys, tmp_path):
+    import argparse
+    import json
+
+    from localcoder.errors import InvalidRequest
+    from localcoder.eval.cli import against_baseline, baseline_cases, gap_closed
+    from localcoder.eval.runner import tradeoff, write_reports
+
+    assert baseline_cases("model=big,cases=3") == 3 and baseline_cases("adapter=off") is None
+    for bad in ("cases=0", "cases=x", "cases=-2"):
+        with pytest.raises(InvalidRequest):
+            baseline_cases(bad)
+    tasks = humaneval_infill.load_tasks("single", 6, seed=0)
+    args = argparse.Namespace(no_exec=True, quiet=True, max_tokens=None, cold=False)
+    refs = {t.id: t.reference for t in tasks}
+    half = {t.id: t.reference[: len(t.reference) // 2] for t in tasks}
+
+    def completer_for(table):  # completes each task with what ``table`` holds for it
+        c = Completer(FakeEngine())
+        c.complete = lambda req: Completer(FakeEngine(completion=table[next(
+            t.id for t in tasks if t.prefix == req.prefix)])).complete(req)
+        return c
+
+    ours = evaluate(completer_for(half), tasks, progress=False, name="t", execute=False)
+    paired: list[dict] = []
+    floor = against_baseline(completer_for({t.id: "" for t in tasks}), "stock", tasks, "t", args, ours, paired)
+    top = against_baseline(completer_for(refs), "big", tasks[:3], "t", args, ours, paired)
+    assert len(top.rows) == 3 and [p["n"] for p in paired] == [6, 6, 3, 3]
+    gaps = gap_closed("t", ours, ["stock", "big"], [floor, top])
+    err = capsys.readouterr().err
+    assert "of the ES gap from stock to big" in err and "n=3" in err
+    expect = sum(r.es for r in ours.rows[:3]) / 3  # the floor scores 0 and the ceiling 1 on every case
+    assert gaps[0]["n"] == 3 and gaps[0]["gap_share"] == pytest.approx(expect, abs=1e-4)
+    text = tradeoff([ours, floor, top], ["ours", "stock", "big"], tmp_path / "t.png")
+    assert "on the 3 cases every model ran" in text and (tmp_path / "t.png").stat().st_size > 1000
+    cells = {line.split("|")[1].strip(): line.split("|")[3] for line in text.splitlines() if line.startswith("| ")}
+    assert cells["big"].startswith(" 1.000") and cells["stock"].startswith(" 0.000")
+    assert cells["ours"].startswith(f" {expect:.3f}")
+    write_reports([ours, floor, top], tmp_path / "r.json", [*paired, *gaps])
+    body = json.loads((tmp_path / "r.json").read_text())
+    assert body["paired"][-1]["ceiling"] == "big" and body["t"]["summary"]["n"] == 6
+
+
 def test_runner_scores_a_fake_engine():
     tasks = humaneval_infill.load_tasks("single", 5, seed=0)
     report = evaluate(Completer(FakeEngine(completion="    return None\n")), tasks, progress=False, name="t")
