@@ -126,7 +126,6 @@ def baseline_completer(cfg, spec: str):
     import copy
 
     from localcoder.completion import Completer
-    from localcoder.errors import InvalidRequest
 
     changes = baseline_changes(spec)
     changes.pop("cases", None)
@@ -199,8 +198,8 @@ def gap_closed(suite: str, report, specs: list[str], bases: list) -> list[dict]:
         print(f"{suite}: this run closes {mid:.0%} (95% CI {lo:.0%}..{hi:.0%}) of the ES gap from {specs[0]} "
               f"to {spec} (ES {means}, n={n})", file=sys.stderr)
         out.append({"suite": suite, "floor": specs[0], "ceiling": spec, "n": n, "es": [round(sum(x) / n, 4) for x in es],
-                    "gap_share": round(mid, 4), "ci95": [lo if math.isinf(lo) else round(lo, 4),
-                                                         hi if math.isinf(hi) else round(hi, 4)]})
+                    "gap_share": round(mid, 4),  # an unbounded end of the interval: null
+                    "ci95": [None if math.isinf(x) else round(x, 4) for x in (lo, hi)]})
     return out
 
 

@@ -179,7 +179,8 @@ def tradeoff(reports: Sequence[EvalReport], labels: Sequence[str], png: Path | N
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, ms, es, lo, hi in points:
             ax.errorbar([ms], [es], yerr=[[es - lo], [hi - es]], fmt="o", capsize=3, label=label[:60])
-            ax.annotate(label[:28], (ms, es), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            short = label.split(",")[0].removeprefix("model=")[:28]  # the model's name; the legend has the rest
+            ax.annotate(short, (ms, es), textcoords="offset points", xytext=(5, 4), fontsize=7)
         ax.set_xlabel("median latency of a completion (ms; the whole prompt, as in a cold file)")
         ax.set_ylabel("ES (mean, 95% CI)")
         ax.set_title(f"{reports[0].name}: ES against latency, the same {len(ids)} cases")
