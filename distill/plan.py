@@ -31,7 +31,12 @@ FORWARD_TOK_S_PER_B_FP32 = 68.0
 TRAIN_TOK_S_PER_B_FP32 = 21.0
 CONVERT_S_PER_B = 90.0  # GGUF -> fp32 safetensors, once per model (cached)
 EXPORT_S_PER_B = 60.0  # merge + save safetensors + per GGUF type: write f16, quantize
-GATE_S_PER_CASE = 4.5  # one gate FIM case on one artifact (source fp32 torch ~3.5 s, each GGUF ~5 s)
+# One gate FIM case (Xeon): the fp32 source in torch ~3.5 s, which slows down with the torch speed the teacher
+# pass measures (the Zen 4 at 0.56x: 5-6.5 s); each GGUF in llama.cpp ~5 s, which does not (2026-12-07:
+# the adapter-only publish took 11.6 min there, and this split says 11.8 at the measured speed, the old
+# flat 4.5 s a case 9.6)
+GATE_SOURCE_S_PER_CASE = 3.5
+GATE_GGUF_S_PER_CASE = 5.0
 
 
 @dataclass
@@ -80,10 +85,11 @@ def estimate(cfg: DistillConfig, *, rows: int, teacher_params: float, student_pa
         "data": 0.5,
         "teacher": (teacher_rows + n_val) * cfg.seq_len / (forward_rate / max(tb, 1e-3)) / 60,
         "train": train_min,
-        "export": sb * EXPORT_S_PER_B / 60,  # merged safetensors (+ the LoRA as a GGUF adapter)
-        # each GGUF type: written, quantized, gated (the source's cases once, then each artifact's)
+        "export": sb * EXPORT_S_PER_B / 60 / speed,  # merged safetensors in torch (+ the LoRA as a GGUF adapter)
+        # each GGUF type: written, quantized, gated (the source's cases once in torch, then each artifact's)
         "publish": (len(cfg.export_gguf) * sb * EXPORT_S_PER_B
-                    + gate_cases * GATE_S_PER_CASE * (1 + len(cfg.export_gguf))) / 60 if cfg.export_gguf else 0.0,
+                    + gate_cases * (GATE_SOURCE_S_PER_CASE / speed + GATE_GGUF_S_PER_CASE * len(cfg.export_gguf))) / 60
+        if cfg.export_gguf else 0.0,
     }
     gb = 1e9
     cache = (teacher_rows + n_val) * cfg.seq_len * (cfg.top_k * 6 + 4) / gb  # fp16 values, int32 ids, lse

@@ -203,6 +203,32 @@ def test_a_run_without_a_budget_still_says_when_it_will_end_at_the_measured_spee
     assert Stages.recorded_speed(tmp_path) < 0.6
 
 
+def test_the_publish_estimate_slows_down_with_the_measured_torch_speed_for_the_torch_part_only(monkeypatch, tmp_path):
+    """The Zen 4 networkx rebuild (2026-12-07, `--export-gguf adapter`) measured its torch speed at 0.565x the
+    class's rate, and its publish stage took 11.6 min where the plan said 9.6: the gate's fp32 source runs in
+    torch and slowed down with it, its GGUF runs in llama.cpp and did not. The estimate at the measured speed
+    now scales the torch part only, and a calibrated run prints it."""
+    from localcoder.distill import memory, plan
+
+    monkeypatch.setattr(memory, "native_bf16", lambda: True)
+    sizes = dict(teacher_params=1.78e9, student_params=0.63e9, gate_cases=60)
+    one = load("adapt", None, {"data": ["/src"], "export_gguf": ["adapter"]})
+    planned, slow = (estimate(one, rows=192, speed=s, **sizes).minutes for s in (1.0, 0.565))
+    assert slow["publish"] == pytest.approx(11.58, rel=0.1) and planned["publish"] < 10
+    assert slow["publish"] - planned["publish"] == pytest.approx(
+        60 * plan.GATE_SOURCE_S_PER_CASE * (1 / 0.565 - 1) / 60, abs=0.1)  # the source's cases only
+    assert slow["export"] > planned["export"]  # the merge runs in torch too
+    three = load("adapt", None, {"data": ["/src"]})  # adapter, q8_0, q4_k_m: two more llama.cpp artifacts
+    slow3 = estimate(three, rows=192, speed=0.565, **sizes).minutes
+    planned3 = estimate(three, rows=192, **sizes).minutes
+    assert slow3["publish"] - slow["publish"] == pytest.approx(planned3["publish"] - planned["publish"], abs=0.1)
+
+    stages = Stages(tmp_path, estimate(one, rows=192, **sizes))
+    stages.sizes = sizes
+    stages.calibrate(one, 8, 8 * 11.5)  # the rebuild's measured 11.5 s a row
+    assert stages.est.minutes["publish"] == pytest.approx(11.58, rel=0.1)
+
+
 def test_a_run_that_cannot_fit_on_disk_is_refused_before_it_writes(tmp_path):
     est = Estimate({"train": 1.0}, disk_gb=10**6, peak_memory_gb=1.0, rows=1)
     with pytest.raises(InvalidRequest, match="not enough disk") as err:
