@@ -32,9 +32,9 @@ TRAIN_TOK_S_PER_B_FP32 = 21.0
 CONVERT_S_PER_B = 90.0  # GGUF -> fp32 safetensors, once per model (cached)
 EXPORT_S_PER_B = 60.0  # merge + save safetensors + per GGUF type: write f16, quantize
 # One gate FIM case (Xeon): the fp32 source in torch ~3.5 s, which slows down with the torch speed the teacher
-# pass measures (the Zen 4 at 0.56x: 5-6.5 s); each GGUF in llama.cpp ~5 s, which does not (2026-12-07:
-# the adapter-only publish took 11.6 min there, and this split says 11.8 at the measured speed, the old
-# flat 4.5 s a case 9.6)
+# pass measures (the Zen 4 at 0.53-0.57x: 5.3-6.2 s); each GGUF in llama.cpp ~5 s, which does not (there
+# 3.8-4.4 s). Two adapter-only publishes there took 11.6 and 10.2 min; this split says 11.8 and 12.2, the
+# old flat 4.5 s a case 9.6 for both (docs/distill.md, "A third CPU class")
 GATE_SOURCE_S_PER_CASE = 3.5
 GATE_GGUF_S_PER_CASE = 5.0
 
