@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "print the paired ES difference, this run minus the baseline (95%% CI); repeatable: "
                         "several baselines on the same cases (e.g. the stock model and the bigger one; with "
                         "two or more, the share of the ES gap from the first to each later one that this run "
-                        "closes is printed too); cases=N runs a costly baseline on the first N cases only")
+                        "closes is printed too); cases=N runs a costly baseline on the first N cases only; "
+                        "label=NAME names it on the ES-vs-latency chart")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     from localcoder.cliargs import add_dataclass_arguments
     from localcoder.config import CheckConfig
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         reports.extend(bases)
         if bases:
             compared.append(([ours, *bases], [f"{cfg.model.model}, {completer.order} (this run)",
-                                              *(f"{spec}, {b.order}" for spec, b, _ in baselines)]))
+                                              *(baseline_label(spec, b.order) for spec, b, _ in baselines)]))
         paired.extend(gap_closed(suite, ours, [spec for spec, _, _ in baselines], bases))
     print(f"model: {cfg.model.model}  engine: {completer.engine.name}  format: {completer.format.name}"
           f"  order: {completer.order}", file=sys.stderr)
@@ -129,6 +130,7 @@ def baseline_completer(cfg, spec: str):
 
     changes = baseline_changes(spec)
     changes.pop("cases", None)
+    changes.pop("label", None)
     other = copy.deepcopy(cfg).apply(changes)
     return Completer.from_config(other, pull=True)
 
@@ -141,6 +143,12 @@ def baseline_changes(spec: str) -> dict[str, str]:
     except ValueError:
         raise InvalidRequest(f"--baseline takes field=value pairs separated by commas, got {spec!r}",
                              param="baseline") from None
+
+
+def baseline_label(spec: str, order: str) -> str:
+    """A baseline's name on the ES-vs-latency chart: ``label=...`` in its spec (e.g. ``label=stock 0.5B``), else
+    the spec and the prompt order it ran in."""
+    return baseline_changes(spec).get("label") or f"{spec}, {order}"
 
 
 def baseline_cases(spec: str) -> int | None:

@@ -76,7 +76,7 @@ def test_baseline_setting_builds_a_second_completer_and_reports_the_paired_diffe
 
     cfg = Config()
     cfg.apply({"model": "fake"})
-    base = baseline_completer(cfg, "token_healing=false,max_tokens=8")
+    base = baseline_completer(cfg, "token_healing=false,max_tokens=8,label=no healing")  # label: the chart's only
     assert base.token_healing is False and cfg.completion.token_healing is True  # cfg itself unchanged
     with pytest.raises(InvalidRequest):
         baseline_completer(cfg, "token_healing")
@@ -106,10 +106,12 @@ def test_two_baselines_report_the_gap_closed_and_a_costly_baseline_runs_on_the_f
     import json
 
     from localcoder.errors import InvalidRequest
-    from localcoder.eval.cli import against_baseline, baseline_cases, gap_closed
+    from localcoder.eval.cli import against_baseline, baseline_cases, baseline_label, gap_closed
     from localcoder.eval.runner import tradeoff, write_reports
 
     assert baseline_cases("model=big,cases=3") == 3 and baseline_cases("adapter=off") is None
+    assert baseline_label("model=big,label=the 1.5B,cases=3", "psm") == "the 1.5B"
+    assert baseline_label("model=big,cases=3", "psm") == "model=big,cases=3, psm"
     for bad in ("cases=0", "cases=x", "cases=-2"):
         with pytest.raises(InvalidRequest):
             baseline_cases(bad)
