@@ -459,14 +459,21 @@ def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool, stages: Stages
             stages.revise("teacher", todo / max(1, rows), f"{rows - todo} of {rows} rows already cached")
     t0 = time.perf_counter()
     computed = val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
-    # the validation rows measured this machine's teacher rate: a run slower than planned refits its schedule to
-    # the budget before the train rows (one process: the ranks of a distributed run would have to agree on it)
-    if stages is not None and dist.world == 1 and stages.calibrate(cfg, computed, time.perf_counter() - t0):
+    probe: list[int] = []
+    calibrating = stages is not None and dist.world == 1
+    if calibrating and train_cache is not None and computed < max(2, n_val):
+        # an earlier run cached the validation rows (e.g. adapt before draft on one repository): the first missing
+        # train rows, which the pass computes first anyway, measure the rate instead
+        probe = train_cache.missing(needed)[:max(2, n_val) - computed]
+        train_cache.fill(teacher, data.train.teacher_ids, probe, progress=False, **kw)
+    # those rows measured this machine's teacher rate: a run slower than planned refits its schedule to the budget
+    # before the rest of the train rows (one process: the ranks of a distributed run would have to agree on it)
+    if calibrating and stages.calibrate(cfg, computed + len(probe), time.perf_counter() - t0):
         needed = rows_needed()
     if train_cache is not None:
         t0 = time.perf_counter()
-        done = train_cache.fill(teacher, data.train.teacher_ids, share(train_cache, needed),
-                                progress=progress and dist.main, **kw)
+        done = len(set(probe) & set(needed)) + train_cache.fill(  # the probe's rows count where the schedule reads them
+            teacher, data.train.teacher_ids, share(train_cache, needed), progress=progress and dist.main, **kw)
         log(f"teacher top-{cfg.top_k}: {done} rows computed, {len(needed) - done} reused "
             f"({time.perf_counter() - t0:.0f} s)", dist)
     dist.barrier()

@@ -347,6 +347,24 @@ def test_runs_whose_students_read_other_orders_share_one_teacher_pass(tiny_qwen_
     assert any(n.startswith("teacher:") and "already cached" in n for n in stages["estimate"]["notes"])
 
 
+def test_a_run_whose_validation_rows_are_cached_measures_its_rate_on_the_first_train_rows(
+        tiny_qwen_dir, corpus, tmp_path, capsys, monkeypatch):
+    """The draft preset after adapt on one repository: the earlier run cached the validation rows and some train
+    rows, so the rate the plan refits to comes from the first missing train rows (it used to measure nothing)."""
+    from localcoder.distill.plan import Stages
+    from localcoder.distill.train import train
+
+    common = dict(**{"fim-rate": 1.0, "teacher-order": "psm"})
+    train(cfg_of(flags(tiny_qwen_dir, corpus, tmp_path / "a", tmp_path / "cache", steps=1, **common)), progress=False)
+    seen = []
+    monkeypatch.setattr(Stages, "calibrate", lambda self, cfg, rows, seconds: seen.append((rows, seconds)) or False)
+    capsys.readouterr()
+    train(cfg_of(flags(tiny_qwen_dir, corpus, tmp_path / "b", tmp_path / "cache", steps=4, **common)), progress=False)
+    assert len(seen) == 1 and seen[0][0] == 2 and seen[0][1] > 0  # 2 = max(2, the 2 validation rows)
+    # 8 rows read, 2 of them cached by run a: the 6 computed include the 2 that measured the rate
+    assert "teacher top-8: 6 rows computed, 2 reused" in capsys.readouterr().err
+
+
 def test_a_registered_base_plus_adapter_serves_with_it_and_off_drops_it(tmp_path, monkeypatch):
     from localcoder import models
 
