@@ -460,11 +460,11 @@ def fill_teacher_cache(run: Run, cache_dir: Path, progress: bool, stages: Stages
     t0 = time.perf_counter()
     computed = val_cache.fill(teacher, data.val.teacher_ids, share(val_cache, list(range(n_val))), progress=False, **kw)
     probe: list[int] = []
-    calibrating = stages is not None and dist.world == 1
-    if calibrating and train_cache is not None and computed < max(2, n_val):
+    calibrating, want = stages is not None and dist.world == 1, max(2, n_val)  # rows that time the teacher
+    if calibrating and train_cache is not None and computed < want:
         # an earlier run cached the validation rows (e.g. adapt before draft on one repository): the first missing
         # train rows, which the pass computes first anyway, measure the rate instead
-        probe = train_cache.missing(needed)[:max(2, n_val) - computed]
+        probe = train_cache.missing(needed)[:want - computed]
         train_cache.fill(teacher, data.train.teacher_ids, probe, progress=False, **kw)
     # those rows measured this machine's teacher rate: a run slower than planned refits its schedule to the budget
     # before the rest of the train rows (one process: the ranks of a distributed run would have to agree on it)

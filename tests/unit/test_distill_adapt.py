@@ -354,7 +354,7 @@ def test_a_run_whose_validation_rows_are_cached_measures_its_rate_on_the_first_t
     from localcoder.distill.plan import Stages
     from localcoder.distill.train import train
 
-    common = dict(**{"fim-rate": 1.0, "teacher-order": "psm"})
+    common = {"fim-rate": 1.0, "teacher-order": "psm"}
     train(cfg_of(flags(tiny_qwen_dir, corpus, tmp_path / "a", tmp_path / "cache", steps=1, **common)), progress=False)
     seen = []
     monkeypatch.setattr(Stages, "calibrate", lambda self, cfg, rows, seconds: seen.append((rows, seconds)) or False)
