@@ -80,6 +80,7 @@ async def test_a_newer_invoked_request_stops_the_running_generation(client: Lang
 
 async def test_cancel_request_really_stops_the_engine(client: LanguageClient):
     open_doc(client, URI, "import os\n")
+    await ready_stats(client)  # loaded, so the cancel lands mid-generation (on a busy machine loading takes > 0.5 s)
     msg_id = str(uuid.uuid4())
     fut = asyncio.wrap_future(client.protocol.send_request(
         types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(URI, 1, 0), msg_id=msg_id))
