@@ -67,7 +67,7 @@ class BenchConfig:
     editor_baseline: tuple[str, ...] = ()
     editor_lsp: bool = True  # the editor replay also types through `localcoder lsp` (default config, stdio)
     editor_workloads: str = "after-jump,mid-file,end-of-file,two-files"  # which editor-replay workloads to run
-    editor_jumps: int = 4  # vim:after-jump: cursor jumps, each a warm-up, a rest and one keystroke (0 = skip)
+    editor_jumps: int = 8  # vim:after-jump: cursor jumps, each a warm-up, a rest and one keystroke (0..12; 0 = skip)
     editor_jump_pause_s: float = 5.0  # how long the user rests after a jump before typing
     # formats: --model and these artifacts (LABEL=PATH: GGUF, ONNX dir, HF dir) in-process, interleaved
     formats: tuple[str, ...] = ()
@@ -102,11 +102,15 @@ class WorkloadResult:
         decode_ms = [s.decode_ms for s in self.samples if s.decode_ms]
         # what a llama.vim user sees: its client cache answers some keystrokes itself (debounce only)
         with_client = [debounce_ms if s.client_hit else s.latency_ms + debounce_ms for s in self.samples]
+        # the keystrokes the model answered: a typed-through one costs no model call, and how many of them a
+        # replay has differs by surface (the first keystroke after a jump never types through)
+        model = [s.latency_ms + debounce_ms for s in self.samples if not s.typed_through]
         return {
             "n": len(lat),
             "p50_ms": round(percentile(lat, 50), 1),
             "p95_ms": round(percentile(lat, 95), 1),
             "typed_through": sum(s.typed_through for s in self.samples),
+            "p50_model_ms": round(percentile(model, 50), 1) if model else float("nan"),
             "client_cache_hits": sum(s.client_hit for s in self.samples),
             "p50_with_client_cache_ms": round(percentile(with_client, 50), 1),
             "p95_with_client_cache_ms": round(percentile(with_client, 95), 1),
@@ -521,12 +525,19 @@ def report(cfg: BenchConfig, results: list[WorkloadResult], bound: dict[str, Any
             ratios[workload] = {"peer": peer_name,
                                 **{k: round(ours[k] / peer[k], 3) if peer[k] else None
                                    for k in ("p50_ms", "p95_ms", "p50_with_client_cache_ms")}}
-    # the first completion after a jump (warm-up, rest, one keystroke) against a warm keystroke mid-file
-    jump = {t: round(s["p50_ms"] / rows["vim:mid-file"][t]["p50_ms"], 3)
-            for t, s in rows.get("vim:after-jump", {}).items() if rows.get("vim:mid-file", {}).get(t, {}).get("p50_ms")}
+    # the first completion after a jump (warm-up, rest, one keystroke) against a warm keystroke mid-file: every
+    # keystroke, and the ones the model answered (not typed through), as the jump's keystroke always is
+    mid = rows.get("vim:mid-file", {})
+    jump, jump_model = {}, {}
+    for t, s in rows.get("vim:after-jump", {}).items():
+        if mid.get(t, {}).get("p50_ms"):
+            jump[t] = round(s["p50_ms"] / mid[t]["p50_ms"], 3)
+        if mid.get(t, {}).get("p50_model_ms", 0) > 0:  # nan (all typed through) compares False
+            jump_model[t] = round(s["p50_ms"] / mid[t]["p50_model_ms"], 3)
     return {
         "config": asdict(cfg), "machine": machine(), "bound": bound, "results": rows,
         "ratios_localcoder_over_peer": ratios, "after_jump_over_mid_file_p50": jump,
+        "after_jump_over_model_keystroke_p50": jump_model,
         "samples": {f"{r.target}/{r.workload}": [asdict(s) for s in r.samples] for r in results},
     }
 
@@ -569,22 +580,29 @@ def markdown(report_: dict[str, Any]) -> str:
         lines += ["", f"Machine: {m['cpus']} CPUs, load {m['load_avg_1m']:.2f} at the end; localcoder's CPU kernels "
                   f"(`kernels auto`): {m['kernels_auto']}; llama-server built from: {m['llama_server_build'] or '-'}."]
     editor = {(w, t): s for w, by in report_["results"].items() if w.startswith("vim:") for t, s in by.items()
-              if "p50_with_client_cache_ms" in s and s.get("prompt_tokens_mean")}
+              if "p50_with_client_cache_ms" in s}
     if editor:
         lines += ["", "The same editor-replay requests as a llama.vim user sees them: llama.vim answers a keystroke "
                   "from its own completion cache when the text typed since a cached request (on the cursor line, "
                   "≤ 128 characters) is the start of that request's suggestion; those keystrokes cost the debounce "
-                  "only, for every server. `typed through` counts the requests localcoder itself answered from the "
-                  "suggestion being typed into (no model call), which every client gets.", "",
-                  "| workload | target | client cache hits | typed through (server) | p50 ms | p95 ms | "
-                  "p50 with llama.vim's cache | p95 with it |", "|---|---|---|---|---|---|---|---|"]
+                  "only, for every server (an LSP client has no such cache: –). `typed through` counts the requests "
+                  "localcoder itself answered from the suggestion being typed into (no model call), which every "
+                  "client gets; `p50 model` is the median of the other keystrokes.", "",
+                  "| workload | target | client cache hits | typed through (server) | p50 ms | p95 ms | p50 model ms | "
+                  "p50 with llama.vim's cache | p95 with it |", "|---|---|---|---|---|---|---|---|---|"]
         for (w, t), s in editor.items():
-            lines.append(f"| {w} | {t} | {s['client_cache_hits']}/{s['n']} | {s['typed_through']} | {s['p50_ms']:.0f} | "
-                         f"{s['p95_ms']:.0f} | {s['p50_with_client_cache_ms']:.0f} | {s['p95_with_client_cache_ms']:.0f} |")
+            vim = bool(s.get("prompt_tokens_mean"))  # an LSP row carries no token counts and no client cache
+            cache = (f"{s['client_cache_hits']}/{s['n']}", f"{s['p50_with_client_cache_ms']:.0f}",
+                     f"{s['p95_with_client_cache_ms']:.0f}") if vim else ("–", "–", "–")
+            lines.append(f"| {w} | {t} | {cache[0]} | {s['typed_through']} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | "
+                         f"{s.get('p50_model_ms', float('nan')):.0f} | {cache[1]} | {cache[2]} |")
     if report_.get("after_jump_over_mid_file_p50"):
+        model = report_.get("after_jump_over_model_keystroke_p50", {})
         lines += ["", "First completion after a jump (warm-up, " f"{report_['config']['editor_jump_pause_s']:g} s rest, "
                   "one keystroke) over a warm mid-file keystroke, p50: " + ", ".join(
-                      f"{t} {r:.2f}×" for t, r in report_["after_jump_over_mid_file_p50"].items())]
+                      f"{t} {r:.2f}×" for t, r in report_["after_jump_over_mid_file_p50"].items())
+                  + "; over a warm mid-file keystroke the model answered (not typed through): " + ", ".join(
+                      f"{t} {r:.2f}×" for t, r in model.items())]
     if report_.get("formats"):
         from localcoder.bench_formats import markdown as formats_markdown
 

@@ -86,13 +86,18 @@ def typing_requests(text: str, name: str, chars: int, at_end: bool, extra: list[
     return out
 
 
-JUMP_FRACTIONS = (0.8, 0.25, 0.6, 0.4, 0.9, 0.15)  # where the cursor lands, as fractions of the file
+# where the cursor lands, as fractions of the file: each jump >= 0.2 of the file from the one before it
+JUMP_FRACTIONS = (0.8, 0.25, 0.6, 0.4, 0.9, 0.15, 0.7, 0.3, 0.5, 0.2, 0.85, 0.35)
 
 
 def jump_requests(text: str, name: str, jumps: int, extra: list[dict], max_tokens: int) -> list[VimRequest]:
     """The cursor jumps to ``jumps`` places spread over the file, opens a fresh line there and rests (the
     client's warm-up: the same body with ``n_predict: 0``), then types one character: the first
     completion after a jump. The file is restored between jumps."""
+    if not 0 <= jumps <= len(JUMP_FRACTIONS):
+        from localcoder.errors import InvalidRequest
+
+        raise InvalidRequest(f"editor_jumps must be 0..{len(JUMP_FRACTIONS)}, got {jumps}", param="editor_jumps")
     lines = text.splitlines(keepends=True)
     out = []
     for f in JUMP_FRACTIONS[:jumps]:
@@ -213,7 +218,8 @@ class LspTarget:
     ``textDocument/inlineCompletion`` at the cursor (invoked, so the server adds no debounce of its own:
     the report adds the same client debounce to every target). The document is the text llama.vim's body
     holds (its window of the file); llama.vim's warm-ups have no LSP equivalent and are skipped. The
-    response carries no token counts, so LSP rows report latency and text only."""
+    response carries no token counts, so LSP rows report latency, text and whether the server typed
+    through (its ``localcoder/stats`` counter, read after each keystroke's clock stopped)."""
 
     def __init__(self, name: str, cmd: list[str], timeout_s: float = 600):
         import subprocess
@@ -228,6 +234,7 @@ class LspTarget:
         self._replies: dict[int, dict] = {}
         self._cond = threading.Condition()
         self._versions: dict[str, int] = {}
+        self._typed = 0  # the server's typed-through count after the last keystroke
         threading.Thread(target=self._read, daemon=True).start()
         self.call("initialize", {"processId": os.getpid(), "rootUri": None, "capabilities": {}})
         self.notify("initialized", {})
@@ -288,7 +295,10 @@ class LspTarget:
                                                           "context": {"triggerKind": 1}})
         ms = (time.perf_counter() - t0) * 1000
         items = (res or {}).get("items", []) if isinstance(res, dict) else (res or [])
-        return Sample(ms, 0, 0, 0, str(items[0].get("insertText", "")) if items else "")
+        # typed through: the server's counter moved (asked after the clock stopped)
+        typed = int(self.call("localcoder/stats", {}).get("typed_through", 0))
+        reused, self._typed = typed > self._typed, typed
+        return Sample(ms, 0, 0, 0, str(items[0].get("insertText", "")) if items else "", typed_through=reused)
 
     def warm(self, body: dict, file: str = "buffer.py") -> None:
         """The cursor rests at a new place: the editor plugins' ``localcoder/prefetch``."""

@@ -43,6 +43,7 @@ class RequestStats:
     cancelled: int = 0  # $/cancelRequest from the client
     generations: int = 0  # requests that left their debounce and went to the engine
     skipped: int = 0  # superseded before they went to the engine
+    typed_through: int = 0  # answered from the suggestion being typed into (no model call, localcoder.typed)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Requests:
             if result is None or ticket.superseded or result.stop_type == "cancelled":
                 return None
             result.elapsed_ms = (time.perf_counter() - t0) * 1000
+            self.stats.typed_through += bool(result.timings.reused)
             if result.timings.specialist is not None:
                 self.specialists[result.timings.specialist] += 1
             return result

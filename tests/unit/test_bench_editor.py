@@ -57,12 +57,45 @@ def test_the_lsp_target_types_through_a_real_language_server(monkeypatch, tmp_pa
     assert lsp.proc.poll() is not None
 
 
+def test_the_lsp_target_flags_a_keystroke_the_server_typed_through(monkeypatch, tmp_path):
+    """Typing the first letters of the suggestion shown: the language server answers from it without the model
+    and the sample says so; a keystroke that leaves the suggestion goes to the model and is not flagged."""
+    import sys
+
+    from localcoder.bench_editor import LspTarget, vim_body
+
+    monkeypatch.setenv("LOCALCODER_FAKE_COMPLETION", "return 1")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    lines = ["def f():\n", "    \n", "\n", "x = f()\n"]
+    bodies = [vim_body([*lines[:1], "    " + typed + "\n", *lines[2:]], 1, 4 + len(typed), [], 8)
+              for typed in ("", "re", "ret", "z")]
+    lsp = LspTarget("lsp", [sys.executable, "-m", "localcoder.cli", "lsp", "--engine", "fake", "--model", "fake"],
+                    timeout_s=60)
+    try:
+        samples = [lsp.send(b, "a.py") for b in bodies]
+    finally:
+        lsp.close()
+    assert [s.text for s in samples[:3]] == ["return 1", "turn 1", "urn 1"]
+    assert [s.typed_through for s in samples] == [False, True, True, False]
+
+
+def test_a_jump_count_beyond_the_landing_places_is_refused():
+    import pytest
+
+    from localcoder.bench_editor import JUMP_FRACTIONS, jump_requests
+    from localcoder.errors import InvalidRequest
+
+    assert len(jump_requests(TEXT, "a.py", len(JUMP_FRACTIONS), [], 8)) == len(JUMP_FRACTIONS)
+    with pytest.raises(InvalidRequest, match="editor_jumps must be 0..12"):
+        jump_requests(TEXT, "a.py", len(JUMP_FRACTIONS) + 1, [], 8)
+
+
 def test_jumps_land_far_apart_warm_up_there_then_type_one_character():
     from localcoder.bench_editor import jump_requests
 
-    jumps = jump_requests(TEXT, "a.py", 4, [], 8)
+    jumps = jump_requests(TEXT, "a.py", 12, [], 8)
     rows = [j.body["input_prefix"].count("\n") for j in jumps]
-    assert len(jumps) == 4 and min(abs(a - b) for a, b in zip(rows, rows[1:])) > 50
+    assert len(jumps) == 12 and min(abs(a - b) for a, b in zip(rows, rows[1:])) > 50
     for j in jumps:
         assert j.warm["n_predict"] == 0 and j.body["n_predict"] == 8
         assert j.warm["input_prefix"] == j.body["input_prefix"]  # the same place

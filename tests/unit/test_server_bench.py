@@ -52,5 +52,26 @@ def test_summary_percentiles_and_cache_ratio():
     assert s["evaluated_tokens_mean"] == 30
 
 
+def test_the_jump_is_compared_with_every_warm_keystroke_and_with_those_the_model_answered():
+    """A typed-through keystroke makes no model call; the after-jump ratio is given against the mid-file median
+    of every keystroke and of those the model answered (the jump's own keystroke is always one of them)."""
+    from localcoder.bench import BenchConfig, markdown, report
+
+    def s(ms, typed=False):
+        return Sample(ms, 0, 0, 0, "x", typed_through=typed)
+
+    mid = WorkloadResult("localcoder lsp", "vim:mid-file", [s(10, True), s(12, True), s(14, True), s(100), s(140)])
+    jump = WorkloadResult("localcoder lsp", "vim:after-jump", [s(250), s(290)])
+    rep = report(BenchConfig(model="fake", debounce_ms=150), [jump, mid], {})
+    m = rep["results"]["vim:mid-file"]["localcoder lsp"]
+    assert m["p50_ms"] == 164 and m["typed_through"] == 3 and m["p50_model_ms"] == 270  # (250 + 290) / 2
+    assert rep["after_jump_over_mid_file_p50"] == {"localcoder lsp": round(420 / 164, 3)}
+    assert rep["after_jump_over_model_keystroke_p50"] == {"localcoder lsp": round(420 / 270, 3)}
+    md = markdown(rep)
+    assert "| vim:mid-file | localcoder lsp | – | 3 | 164 |" in md and "not typed through): localcoder lsp 1.56×" in md
+    everything = WorkloadResult("t", "vim:mid-file", [s(10, True)]).summary(150)
+    assert everything["p50_model_ms"] != everything["p50_model_ms"]  # nan: no keystroke reached the model
+
+
 def test_read_bandwidth_is_measured():
     assert 0.1 < read_bandwidth_gbs(1, mib=64, rounds=2) < 1000
