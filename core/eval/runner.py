@@ -177,10 +177,20 @@ def tradeoff(reports: Sequence[EvalReport], labels: Sequence[str], png: Path | N
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        xs, ys = [p[1] for p in points], [p[2] for p in points]
+        span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+        placed: list[tuple[float, float]] = []
         for label, ms, es, lo, hi in points:
             ax.errorbar([ms], [es], yerr=[[es - lo], [hi - es]], fmt="o", capsize=3, label=label[:60])
-            short = label.split(",")[0].removeprefix("model=")[:28]  # the model's name; the legend has the rest
-            ax.annotate(short, (ms, es), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            short = label.split(",")[0].removeprefix("model=")[:36]  # the model's name; the legend has the rest
+            # near the right edge: the name to the left of its point (inside the axes); a point next to ones
+            # already named gets its name a line lower for each of them instead of on top of theirs
+            near = sum(abs(ms - x) < 0.2 * span_x and abs(es - y) < 0.1 * span_y for x, y in placed)
+            dy = 4 - 12 * near
+            placed.append((ms, es))
+            right = ms > max(xs) - 0.3 * span_x
+            ax.annotate(short, (ms, es), textcoords="offset points", xytext=(-5 if right else 5, dy), fontsize=7,
+                        ha="right" if right else "left")
         ax.set_xlabel("median latency of a completion (ms; the whole prompt, as in a cold file)")
         ax.set_ylabel("ES (mean, 95% CI)")
         ax.set_title(f"{reports[0].name}: ES against latency, the same {len(ids)} cases")
