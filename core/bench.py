@@ -38,6 +38,21 @@ PEER_STOPS = ["<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|fim_prefix|>", 
 WORD_END = set(" \n\t.,:;()[]{}=")
 
 
+def pauses(typed: str) -> list[int]:
+    """Where a typist pauses and the client asks for a completion, as offsets into ``typed``: after each
+    character that ends a word (``WORD_END``) and at the end. An editor indents a new line itself (Vim's
+    ``autoindent``, VS Code's on-enter rules), so a newline and the next line's indentation arrive as one
+    edit: no request from inside a line's leading whitespace, only once it is all there."""
+    out = []
+    for i in range(1, len(typed) + 1):
+        if typed[i - 1] not in WORD_END and i != len(typed):
+            continue
+        if i < len(typed) and typed[i] in " \t" and not typed[:i].rsplit("\n", 1)[-1].strip():
+            continue  # the editor is still inserting this line's indentation
+        out.append(i)
+    return out
+
+
 @dataclass
 class BenchConfig:
     model: str  # GGUF path, or "fake" (tests)
@@ -320,11 +335,7 @@ def typing_cases(text: str, chars: int, before: int, after: int) -> list[Case]:
     that keeps its window still while the user types) and ends ``after`` lines below the typed region.
     """
     anchor, typed, tail = typing_window(text, chars, before, after)
-    cases = []
-    for i in range(1, len(typed) + 1):
-        if typed[i - 1] in WORD_END or i == len(typed):
-            cases.append(Case(anchor + typed[:i], tail))
-    return cases
+    return [Case(anchor + typed[:i], tail) for i in pauses(typed)]
 
 
 def server_background(client: httpx.Client) -> int:

@@ -28,7 +28,7 @@ from typing import Callable
 
 import httpx
 
-from localcoder.bench import WORD_END, Sample, WorkloadResult, server_background, wait_quiet
+from localcoder.bench import Sample, WorkloadResult, pauses, server_background, wait_quiet
 
 CLIENTS_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "clients"
 N_PREFIX_LINES, N_SUFFIX_LINES = 256, 64  # llama.vim's defaults (g:llama_config n_prefix / n_suffix)
@@ -75,9 +75,7 @@ def typing_requests(text: str, name: str, chars: int, at_end: bool, extra: list[
     typed = rest[:cut]
     tail = "" if at_end else "\n" + rest[cut:]  # typing into a freshly opened line above the rest
     out = []
-    for i in range(1, len(typed) + 1):
-        if typed[i - 1] not in WORD_END and i != len(typed):
-            continue
+    for i in pauses(typed):
         before = above + typed[:i]  # the file as it is now: what is typed so far, then the rest
         now = (before + tail).splitlines(keepends=True) or [""]
         row = before.count("\n")

@@ -24,10 +24,9 @@ from typing import Any
 
 from lsprotocol import types
 
+from localcoder.bench import pauses
 from localcoder.lsp.documents import Document
 from localcoder.stats import percentile
-
-WORD_END = set(" \n\t.,:;()[]{}=")
 
 
 def proc_memory_mib(pid: int) -> dict[str, float]:
@@ -74,6 +73,7 @@ async def run(cmd: list[str], source: str, chars: int, settings: dict[str, Any],
     doc = Document(uri, anchor + tail, "python", 1)
     client.text_document_did_open(types.DidOpenTextDocumentParams(types.TextDocumentItem(uri=uri, language_id="python", version=1, text=doc.text)))
     cursor = len(anchor)
+    asks = set(pauses(typed))  # offsets after which the client asks (1-based: after that many characters)
     latencies, texts = [], []
     for i, ch in enumerate(typed):
         line, col = doc.position_at(cursor)
@@ -83,7 +83,7 @@ async def run(cmd: list[str], source: str, chars: int, settings: dict[str, Any],
             types.VersionedTextDocumentIdentifier(version=doc.version, uri=uri),
             [types.TextDocumentContentChangePartial(range=types.Range(pos, pos), text=ch)]))
         cursor += 1
-        if ch in WORD_END or i == len(typed) - 1:
+        if i + 1 in asks:
             line, col = doc.position_at(cursor)
             t = time.perf_counter()
             res = await asyncio.wait_for(client.text_document_inline_completion_async(types.InlineCompletionParams(

@@ -26,6 +26,17 @@ def test_mid_file_bodies_split_the_file_at_the_cursor_like_llama_vim():
     assert reqs[0].body["prompt"] == "line_200 " and reqs[0].body["input_suffix"].startswith("\nline_202")
 
 
+def test_a_new_lines_indentation_arrives_with_its_newline_as_an_editor_indents_it():
+    text = "".join(f"def f{i}(x):\n    if x:\n        return {i}\n" for i in range(200))
+    reqs = typing_requests(text, "a.py", 60, False, [], 8)
+    prompts = [r.body["prompt"] for r in reqs]
+    # the cursor never waits inside a line's leading whitespace: one request once it is all there
+    assert {p for p in prompts if not p.strip()} == {"", "    ", "        "}  # "": a line with no indentation
+    assert prompts.index("        ") == prompts.index("    if x:") + 1  # the newline and 8 spaces: one edit
+    # words still pause where they end: "return" and the number after it
+    assert "        return " in prompts
+
+
 def test_end_of_file_has_no_suffix_and_two_files_alternate():
     end = typing_requests(TEXT, "a.py", 20, True, [], 8)
     assert all(r.body["input_suffix"] == "" for r in end)
