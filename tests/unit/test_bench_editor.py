@@ -33,7 +33,7 @@ def test_a_new_lines_indentation_arrives_with_its_newline_as_an_editor_indents_i
     # the cursor never waits inside a line's leading whitespace: one request once it is all there
     assert {p for p in prompts if not p.strip()} == {"", "    ", "        "}  # "": a line with no indentation
     assert prompts.index("        ") == prompts.index("    if x:") + 1  # the newline and 8 spaces: one edit
-    # words still pause where they end: "return" and the number after it
+    # a word still pauses where it ends
     assert "        return " in prompts
 
 
