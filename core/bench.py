@@ -65,7 +65,7 @@ class BenchConfig:
     typing_chars: int = 200
     window_lines_before: int = 48
     window_lines_after: int = 24
-    debounce_ms: int = 150
+    debounce_ms: int = 60  # the editor's wait before it asks: the Neovim plugin's 60 ms (VS Code's ~50) + the LSP's 0
     max_tokens: int = 24
     suffix_tokens: int = 64  # localcoder's suffix budget (PSM re-reads it at every keystroke)
     peer: bool = True

@@ -126,7 +126,9 @@ class ServerConfig:
 @dataclass
 class LspConfig:
     server_url: str = field(default="", metadata={"help": "use a running `localcoder serve` instead of loading a model"})
-    debounce_ms: int = field(default=150, metadata={"help": "server-side debounce of automatic triggers"})
+    debounce_ms: int = field(default=0, metadata={
+        "help": "server-side debounce of automatic triggers (0: none, each keystroke's request supersedes the last; "
+                "editors wait before they ask: VS Code ~50 ms, the Neovim plugin 60; docs/latency.md)"})
     server_api_key: str = field(default="", metadata={"help": "API key of the server at server_url, if it needs one"})
     max_message_bytes: int = field(default=64 << 20, metadata={
         "help": "largest LSP message accepted (Content-Length); larger frames are skipped with an error"})

@@ -13,7 +13,7 @@ a bad value is an ``InvalidRequest`` naming the setting.
 | mode             | completion.mode             | auto                 |
 | maxTokens        | completion.max_tokens       | 64                   |
 | timeBudgetMs     | completion.time_budget_ms   | 0 (no limit)         |
-| debounceMs       | lsp.debounce_ms             | 150                  |
+| debounceMs       | lsp.debounce_ms             | 0                    |
 | contextTokens    | completion.extra_tokens     | 512                  |
 | prefixTokens, suffixTokens | completion.prefix_tokens / suffix_tokens | 1024, 256 |
 """

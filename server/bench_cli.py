@@ -26,7 +26,7 @@ _FLAGS = {
     "typing_chars": {"help": "characters to type"},
     "window_lines_before": {"help": "lines above the typing cursor sent as prefix"},
     "window_lines_after": {"help": "lines below the typing cursor sent as suffix"},
-    "debounce_ms": {"help": "editor debounce added to each pause"},
+    "debounce_ms": {"help": "the editor's wait added to each pause (the Neovim plugin's debounce; the LSP adds none)"},
     "max_tokens": {"help": "generated-token limit per request (both targets)"},
     "peer": {"help": "also bench llama-cpp-python's server (--no-peer skips it)"},
     "url": {"help": "bench a running `localcoder serve` at this URL instead of starting one"},

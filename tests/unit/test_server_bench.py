@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from localcoder.bench import Sample, WorkloadResult, cold_cases, read_bandwidth_gbs, typing_cases
+from localcoder.bench import BenchConfig, Sample, WorkloadResult, cold_cases, read_bandwidth_gbs, typing_cases
 from localcoder.engines.fake import ByteTokenizer
 
 
@@ -19,7 +19,7 @@ def test_quick_bench_writes_json_markdown_and_png(tmp_path):
     report = json.loads((out / "bench.json").read_text())
     assert set(report["results"]) == {"cold@64", "cold@128", "typing"}
     typing = report["results"]["typing"]["localcoder"]
-    assert typing["n"] >= 5 and typing["p50_ms"] >= 150  # includes the debounce
+    assert typing["n"] >= 5 and typing["p50_ms"] >= BenchConfig(model="fake").debounce_ms > 0  # includes the debounce
     assert 0 < typing["cache_hit_ratio"] < 1
     assert report["bound"]["read_bandwidth_gbs"] > 0
     assert "| typing | localcoder |" in (out / "bench.md").read_text()
@@ -55,7 +55,7 @@ def test_summary_percentiles_and_cache_ratio():
 def test_the_jump_is_compared_with_every_warm_keystroke_and_with_those_the_model_answered():
     """A typed-through keystroke makes no model call; the after-jump ratio is given against the mid-file median
     of every keystroke and of those the model answered (the jump's own keystroke is always one of them)."""
-    from localcoder.bench import BenchConfig, markdown, report
+    from localcoder.bench import markdown, report
 
     def s(ms, typed=False):
         return Sample(ms, 0, 0, 0, "x", typed_through=typed)

@@ -20,7 +20,7 @@ export function serverSettings(get: Getter): ServerSettings {
     mode: get("mode", "auto"),
     maxTokens: get("maxTokens", 64),
     timeBudgetMs: get("timeBudgetMs", 0),
-    debounceMs: get("debounceMs", 150),
+    debounceMs: get("debounceMs", 0),
     contextTokens: get("contextTokens", 512),
   };
   // empty strings mean "the server's default": do not send them
