@@ -38,19 +38,19 @@ PEER_STOPS = ["<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|fim_prefix|>", 
 WORD_END = set(" \n\t.,:;()[]{}=")
 
 
+def keystrokes(typed: str) -> list[int]:
+    """Where each keystroke's edit ends, as offsets into ``typed``: one character each, except that an editor
+    indents a new line itself (Vim's ``autoindent``, VS Code's on-enter rules), so a newline and the next
+    line's indentation arrive as one edit."""
+    return [i for i in range(1, len(typed) + 1)
+            if i == len(typed) or not (typed[i] in " \t" and not typed[:i].rsplit("\n", 1)[-1].strip())]
+
+
 def pauses(typed: str) -> list[int]:
     """Where a typist pauses and the client asks for a completion, as offsets into ``typed``: after each
-    character that ends a word (``WORD_END``) and at the end. An editor indents a new line itself (Vim's
-    ``autoindent``, VS Code's on-enter rules), so a newline and the next line's indentation arrive as one
-    edit: no request from inside a line's leading whitespace, only once it is all there."""
-    out = []
-    for i in range(1, len(typed) + 1):
-        if typed[i - 1] not in WORD_END and i != len(typed):
-            continue
-        if i < len(typed) and typed[i] in " \t" and not typed[:i].rsplit("\n", 1)[-1].strip():
-            continue  # the editor is still inserting this line's indentation
-        out.append(i)
-    return out
+    keystroke that ends a word (``WORD_END``) and at the end; never from inside a line's leading whitespace,
+    only once the editor has inserted all of it (``keystrokes``)."""
+    return [i for i in keystrokes(typed) if typed[i - 1] in WORD_END or i == len(typed)]
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any
 
 from lsprotocol import types
 
-from localcoder.bench import pauses
+from localcoder.bench import keystrokes, pauses
 from localcoder.config import LspConfig
 from localcoder.lsp.documents import Document
 from localcoder.stats import percentile
@@ -52,13 +52,6 @@ def window(text: str, before: int = 48, after: int = 24, chars: int = 120) -> tu
     from localcoder.bench import typing_window
 
     return typing_window(text, chars, before, after)
-
-
-def keystrokes(typed: str) -> list[int]:
-    """Where each keystroke's edit ends, as offsets into ``typed``: one character each, except that a newline
-    and the next line's indentation are one edit (the editor indents; ``localcoder.bench.pauses``)."""
-    return [i for i in range(1, len(typed) + 1)
-            if i == len(typed) or not (typed[i] in " \t" and not typed[:i].rsplit("\n", 1)[-1].strip())]
 
 
 def asks_at(typed: str, iki_ms: float) -> list[tuple[int, bool, bool]]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from localcoder.bench import pauses
-from localcoder.lsp.bench import asks_at, keystrokes, run, summarize
+from localcoder.bench import keystrokes, pauses
+from localcoder.lsp.bench import asks_at, run, summarize
 
 TYPED = "def f(x):\n    return x + 1\n"
 
